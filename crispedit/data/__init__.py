@@ -1,0 +1,1 @@
+"""Inputs: edit requests (records and readers) and capability corpora."""
