@@ -1,0 +1,229 @@
+"""`Curvature`: the capability curvature of a set of target layers, computed once and reused for many edits."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from crispedit.curvature.cache import CacheMismatchError, compare_fingerprints, load_cache, save_cache
+from crispedit.curvature.collect import CollectConfig, collect_lm_stats
+from crispedit.curvature.eigen import LayerEigen, eigendecompose, top_energy_fraction
+from crispedit.curvature.masks import build_masks, energy_cutoff, mask_report
+from crispedit.curvature.projector import InputNullspaceProjector, KroneckerProjector
+from crispedit.curvature.stats import KFACStats, LayerStats
+from crispedit.errors import CrispEditError
+
+PROJECTION_KINDS = ("kfac", "nscl")
+SUMMARY_GAMMAS = (0.5, 0.9, 0.99, 0.999)
+
+
+@dataclass(frozen=True)
+class CurvatureConfig:
+    """How statistics are collected. `sink_tokens=1` keeps each sequence's first position (an attention sink
+    whose activations can be ~100x larger than the rest and otherwise dominate A) apart: its input directions
+    are removed from the editable subspace outright instead of swamping the energy threshold."""
+
+    labels: str = "sampled"
+    mc_samples: int = 1
+    seed: int = 0
+    sink_tokens: int = 1
+    sink_energy: float = 0.99
+    batch_size: int = 8
+    max_tokens: int | None = 4096
+
+    def collect_config(self) -> CollectConfig:
+        return CollectConfig(labels=self.labels, mc_samples=self.mc_samples, seed=self.seed,
+                             sink_tokens=self.sink_tokens)
+
+
+def model_fingerprint(model: nn.Module, targets: Sequence[str]) -> dict[str, Any]:
+    from crispedit.models.fingerprint import model_identity, weights_fingerprint
+
+    ident = dict(model_identity(model))
+    ident["weights_sha256"] = weights_fingerprint(model, list(targets))
+    return ident
+
+
+def nscl_keep_columns(e: LayerEigen, gamma: float) -> torch.Tensor:
+    """Input directions kept by the activation-covariance (Adam-NSCL) baseline: remove the top eigenvectors
+    of A holding γ of its trace (and any sink directions)."""
+    lam = e.lam_A[e.n_sink :]
+    keep = torch.ones(e.d_in, dtype=torch.bool, device=lam.device)
+    keep[: e.n_sink] = False
+    total = float(lam.sum())
+    if total > 0 and gamma > 0:
+        k = int(torch.searchsorted(torch.cumsum(lam, 0), torch.tensor(gamma * total, dtype=lam.dtype)).item()) + 1
+        keep[e.n_sink : e.n_sink + k] = False
+    return keep
+
+
+class Curvature:
+    def __init__(self, stats: KFACStats, eigen: dict[str, LayerEigen], record: dict[str, Any]):
+        self.stats = stats
+        self.eigen = eigen
+        self.record = record
+
+    @property
+    def targets(self) -> list[str]:
+        return list(self.stats.layers)
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def compute(cls, model: nn.Module, targets: Sequence[str], sequences: Sequence[Sequence[int]],
+                corpus: dict[str, Any], cfg: CurvatureConfig = CurvatureConfig(), pad_id: int = 0,
+                dist=None, progress: bool = True) -> "Curvature":
+        """Collect statistics over `sequences` (described by `corpus`) and decompose them."""
+        if not sequences:
+            raise CrispEditError("the capability corpus is empty: no sequences to collect curvature from")
+        stats = _collect(model, targets, sequences, cfg, pad_id, dist, progress, None)
+        record = {
+            "model": model_fingerprint(model, targets),
+            "targets": [{"name": n, "d_in": s.d_in, "d_out": s.d_out} for n, s in stats.items()],
+            "collection": dataclasses.asdict(cfg),
+            "corpora": [dict(corpus, n_sequences=len(sequences))],
+            "model_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+            "stats_dtype": "float64",
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        return cls.from_stats(stats, record)
+
+    @classmethod
+    def from_stats(cls, stats: KFACStats, record: dict[str, Any]) -> "Curvature":
+        sink_energy = record.get("collection", {}).get("sink_energy", 0.99)
+        eigen = {n: eigendecompose(s, sink_energy=sink_energy) for n, s in stats.items()}
+        record = dict(record)
+        record["n_tokens"] = stats.n_tokens
+        record["summary"] = summarize(stats, eigen)
+        return cls(stats, eigen, record)
+
+    def extend(self, model: nn.Module, sequences: Sequence[Sequence[int]], corpus: dict[str, Any],
+               pad_id: int = 0, dist=None, progress: bool = True) -> "Curvature":
+        """Add statistics of more text (same model, same settings) and re-decompose."""
+        self.check_model(model)
+        cfg = CurvatureConfig(**self.record["collection"])
+        cfg = dataclasses.replace(cfg, seed=cfg.seed + 1000 * len(self.record["corpora"]))
+        stats = _collect(model, self.targets, sequences, cfg, pad_id, dist, progress, self.stats.clone())
+        record = dict(self.record, corpora=self.record["corpora"] + [dict(corpus, n_sequences=len(sequences))])
+        return Curvature.from_stats(stats, record)
+
+    def merge(self, other: "Curvature") -> "Curvature":
+        """Sum of two caches' statistics (same model, targets and collection settings)."""
+        diffs = compare_fingerprints(self.record["model"], other.record["model"])
+        if self.targets != other.targets:
+            diffs.append(f"targets: {self.targets} vs {other.targets}")
+        for k in ("labels", "sink_tokens"):
+            a, b = self.record["collection"].get(k), other.record["collection"].get(k)
+            if a != b:
+                diffs.append(f"collection.{k}: {a!r} vs {b!r}")
+        if diffs:
+            raise CacheMismatchError("cannot merge curvature caches that differ in: " + "; ".join(diffs))
+        stats = self.stats.clone().add_(other.stats)
+        record = dict(self.record, corpora=self.record["corpora"] + other.record["corpora"])
+        return Curvature.from_stats(stats, record)
+
+    # ------------------------------------------------------------------ projections
+    def masks(self, gamma: float, scope: str = "layer") -> dict[str, torch.Tensor]:
+        return build_masks(self.eigen, gamma, scope)
+
+    def projectors(self, gamma: float, scope: str = "layer", kind: str = "kfac",
+                   dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> dict[str, Any]:
+        """Per-target projectors onto the kept subspace: `kfac` (CrispEdit) or `nscl` (null space of A)."""
+        if not 0.0 < gamma < 1.0:
+            raise CrispEditError(f"gamma must be in (0, 1), got {gamma}")
+        if kind == "kfac":
+            return {n: KroneckerProjector(self.eigen[n].U_S, self.eigen[n].U_A, m, dtype=dtype, device=device)
+                    for n, m in self.masks(gamma, scope).items()}
+        if kind == "nscl":
+            return {n: InputNullspaceProjector(e.U_A, nscl_keep_columns(e, gamma), dtype=dtype, device=device)
+                    for n, e in self.eigen.items()}
+        raise CrispEditError(f"unknown projection kind {kind!r}; expected one of {PROJECTION_KINDS}")
+
+    def kept_report(self, gammas: Sequence[float] = SUMMARY_GAMMAS) -> dict[str, Any]:
+        """Fraction of directions kept per target, per-layer and global thresholds (and the NSCL baseline)."""
+        out: dict[str, Any] = {}
+        for g in gammas:
+            per = self.masks(g, "layer")
+            glob = self.masks(g, "global")
+            out[str(g)] = {
+                n: {"layer": mask_report(self.eigen[n], per[n]), "global": mask_report(self.eigen[n], glob[n]),
+                    "nscl_kept_fraction": float(nscl_keep_columns(self.eigen[n], g).double().mean())}
+                for n in self.targets
+            }
+        return out
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | Path, overwrite: bool = True) -> Path:
+        record = dict(self.record)
+        record["kept"] = self.kept_report()
+        return save_cache(path, self.stats, self.eigen, record, overwrite=overwrite)
+
+    @classmethod
+    def load(cls, path: str | Path, model: nn.Module | None = None, allow_mismatch: bool = False,
+             device: str | torch.device = "cpu") -> "Curvature":
+        stats, eigen, record = load_cache(path, device=device)
+        cur = cls(stats, eigen, record)
+        if model is not None and not allow_mismatch:
+            cur.check_model(model, where=str(path))
+        return cur
+
+    def check_model(self, model: nn.Module, where: str = "curvature cache") -> None:
+        """Refuse a model whose identity, targeted weights or layer shapes differ from the cache's."""
+        from crispedit.models.targets import layer_io_dims
+
+        diffs = []
+        for t in self.record["targets"]:
+            try:
+                d_in, d_out = layer_io_dims(model.get_submodule(t["name"]))
+            except AttributeError:
+                diffs.append(f"target {t['name']}: not in the model")
+                continue
+            if (d_in, d_out) != (t["d_in"], t["d_out"]):
+                diffs.append(f"target {t['name']}: cache ({t['d_out']}x{t['d_in']}) model ({d_out}x{d_in})")
+        if not diffs:
+            diffs = compare_fingerprints(self.record["model"], model_fingerprint(model, self.targets))
+        if diffs:
+            raise CacheMismatchError(f"{where} does not match this model ({'; '.join(diffs)}); "
+                                     "recompute it, or pass --allow-cache-mismatch to use it anyway")
+
+
+def _collect(model, targets, sequences, cfg: CurvatureConfig, pad_id, dist, progress, stats) -> KFACStats:
+    if dist is not None and dist.world_size > 1:
+        from crispedit.curvature.distributed import collect_lm_stats_distributed
+
+        return collect_lm_stats_distributed(model, sequences, list(targets), cfg.collect_config(), dist,
+                                            batch_size=cfg.batch_size, max_tokens=cfg.max_tokens, pad_id=pad_id,
+                                            stats=stats)
+    return collect_lm_stats(model, sequences, list(targets), cfg.collect_config(), batch_size=cfg.batch_size,
+                            max_tokens=cfg.max_tokens, pad_id=pad_id, stats=stats, progress=progress)
+
+
+def summarize(stats: KFACStats, eigen: dict[str, LayerEigen]) -> dict[str, Any]:
+    """Per-target facts worth seeing before editing: dominance of the top eigenvalue (with and without the
+    sink positions), clamped negative eigenvalues, sink directions removed, token counts."""
+    out = {}
+    for n, s in stats.items():
+        e = eigen[n]
+        row = {
+            "d_in": s.d_in, "d_out": s.d_out, "tokens": s.n, "sink_tokens": s.n_sink,
+            "sink_directions_removed": e.n_sink,
+            "A_top1_energy": top_energy_fraction(e.lam_A, 1),
+            "S_top1_energy": top_energy_fraction(e.lam_S, 1),
+            "A_clamped_negative": e.clamped_A, "S_clamped_negative": e.clamped_S,
+        }
+        if s.A_sink is not None and s.n_sink > 0:
+            from crispedit.curvature.eigen import sym_eigh
+
+            lam_full, _, _ = sym_eigh((s.A + s.A_sink) / (s.n + s.n_sink))
+            row["A_top1_energy_if_sink_kept"] = top_energy_fraction(lam_full, 1)
+            a_norm = float(torch.sqrt(torch.trace(s.A) / max(s.n, 1)))
+            sink_norm = float(torch.sqrt(torch.trace(s.A_sink) / s.n_sink))
+            row["rms_activation_norm"] = a_norm
+            row["rms_sink_activation_norm"] = sink_norm
+        out[n] = row
+    return out
