@@ -84,12 +84,21 @@ class InputNullspaceProjector:
         keep_cols = keep_cols.to(device=U_A.device)
         self.keep_cols = keep_cols
         U_A = U_A.to(device=device, dtype=dtype)
+        self.U_A = U_A.contiguous()
+        self.M = keep_cols.to(device=device, dtype=dtype)[None, :]
         self.U_keep = U_A[:, keep_cols.to(device)].contiguous()
         self.U_drop = U_A[:, ~keep_cols.to(device)].contiguous()
 
     @property
     def kept_fraction(self) -> float:
         return float(self.keep_cols.double().mean())
+
+    def rotate(self, Q: torch.Tensor) -> torch.Tensor:
+        """Coordinates in the eigenbasis of A (columns); the mask `M` broadcasts over rows."""
+        return Q.to(self.U_A.dtype) @ self.U_A
+
+    def unrotate(self, X: torch.Tensor) -> torch.Tensor:
+        return X @ self.U_A.T
 
     def __call__(self, Q: torch.Tensor) -> torch.Tensor:
         dtype = Q.dtype

@@ -1,0 +1,1 @@
+"""Editing: projected fine-tuning of target layers (CrispEdit), its sequential variant, baselines, deltas."""

@@ -1,0 +1,143 @@
+"""Edit deltas: ΔW per target (float32) plus a JSON record; they apply to and revert from a model bit-exactly.
+
+Applying computes W ← cast(float32(W) + ΔW), the very operation the editor used to materialise the edited
+weights, so the applied model equals the edited one bit for bit. Floating-point subtraction does not undo an
+addition exactly, so reverting computes cast(float32(W) − ΔW) and then restores the (few) entries where
+that differs from the base from a sparse fix-up list stored in the delta. Both directions check the weights'
+fingerprints first, so a delta is never applied to the wrong model or twice.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from crispedit import __version__
+from crispedit.errors import CrispEditError
+from crispedit.io import atomic_dir
+
+DELTA_FORMAT = "crispedit-delta"
+DELTA_VERSION = 1
+TENSORS = "delta.safetensors"
+RECORD = "delta.json"
+
+
+def _W(model: nn.Module, name: str) -> torch.Tensor:
+    from crispedit.models.targets import weight_matrix
+
+    return weight_matrix(model.get_submodule(name))
+
+
+def materialize(base: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """The edited weight for a base weight and a float32 delta (the one definition used everywhere)."""
+    return (base.float() + delta.to(base.device)).to(base.dtype)
+
+
+def _fingerprint(model: nn.Module, targets: list[str]) -> str:
+    from crispedit.models.fingerprint import weights_fingerprint
+
+    return weights_fingerprint(model, targets)
+
+
+class EditDelta:
+    def __init__(self, deltas: Mapping[str, torch.Tensor], fixups: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+                 record: dict[str, Any]):
+        self.deltas = dict(deltas)
+        self.fixups = dict(fixups)
+        self.record = record
+
+    @property
+    def targets(self) -> list[str]:
+        return list(self.deltas)
+
+    @classmethod
+    def from_base(cls, model: nn.Module, base: Mapping[str, torch.Tensor], deltas: Mapping[str, torch.Tensor],
+                  record: dict[str, Any]) -> "EditDelta":
+        """Materialise `base + delta` into the model and build the delta (with its revert fix-ups)."""
+        targets = list(deltas)
+        fixups = {}
+        with torch.no_grad():
+            for n in targets:
+                W = _W(model, n)
+                W.copy_(materialize(base[n], deltas[n]))
+                back = (W.float() - deltas[n].to(W.device)).to(W.dtype)
+                bad = (back != base[n]).flatten().nonzero().flatten()
+                fixups[n] = (bad.cpu(), base[n].flatten()[bad].cpu().clone())
+        base_fp = record.get("base_weights_sha256")
+        record = dict(record, format=DELTA_FORMAT, format_version=DELTA_VERSION, crispedit_version=__version__,
+                      targets=[{"name": n, "shape": list(deltas[n].shape)} for n in targets],
+                      edited_weights_sha256=_fingerprint(model, targets))
+        if base_fp is None:
+            raise ValueError("record must hold base_weights_sha256")
+        return cls({n: d.detach().float().cpu() for n, d in deltas.items()}, fixups, record)
+
+    # ------------------------------------------------------------------ apply / revert
+    def _check(self, model: nn.Module, key: str, what: str, force: bool) -> None:
+        missing = [n for n in self.targets if not _has(model, n)]
+        if missing:
+            raise CrispEditError(f"the model has no layer(s) {missing} that this delta edits")
+        fp = _fingerprint(model, self.targets)
+        if fp != self.record[key] and not force:
+            raise CrispEditError(f"the model's target weights are not the {what} this delta expects "
+                                 f"({key} {self.record[key][:12]}…, model {fp[:12]}…)")
+
+    def apply(self, model: nn.Module, force: bool = False) -> None:
+        self._check(model, "base_weights_sha256", "base", force)
+        with torch.no_grad():
+            for n, d in self.deltas.items():
+                W = _W(model, n)
+                W.copy_(materialize(W, d))
+
+    def revert(self, model: nn.Module, force: bool = False) -> None:
+        self._check(model, "edited_weights_sha256", "edited weights", force)
+        with torch.no_grad():
+            for n, d in self.deltas.items():
+                W = _W(model, n)
+                back = (W.float() - d.to(W.device)).to(W.dtype)
+                idx, val = self.fixups[n]
+                flat = back.flatten()
+                flat[idx.to(flat.device)] = val.to(device=flat.device, dtype=flat.dtype)
+                W.copy_(flat.view_as(W))
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | Path, overwrite: bool = False) -> Path:
+        tensors = {}
+        for n, d in self.deltas.items():
+            tensors[f"{n}.delta"] = d.contiguous()
+            idx, val = self.fixups[n]
+            tensors[f"{n}.revert_index"] = idx.contiguous()
+            tensors[f"{n}.revert_value"] = val.float().contiguous()
+        with atomic_dir(path, overwrite=overwrite) as tmp:
+            save_file(tensors, str(tmp / TENSORS), metadata={"format": DELTA_FORMAT})
+            (tmp / RECORD).write_text(json.dumps(self.record, indent=2) + "\n")
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "EditDelta":
+        path = Path(path)
+        rec = path / RECORD
+        if not rec.is_file():
+            raise CrispEditError(f"{path} is not a crispedit delta (no {RECORD})")
+        record = json.loads(rec.read_text())
+        if record.get("format") != DELTA_FORMAT:
+            raise CrispEditError(f"{rec}: field 'format' is {record.get('format')!r}, expected {DELTA_FORMAT!r}")
+        t = load_file(str(path / TENSORS))
+        deltas, fixups = {}, {}
+        for item in record["targets"]:
+            n = item["name"]
+            deltas[n] = t[f"{n}.delta"]
+            fixups[n] = (t[f"{n}.revert_index"], t[f"{n}.revert_value"])
+        return cls(deltas, fixups, record)
+
+
+def _has(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+        return True
+    except AttributeError:
+        return False

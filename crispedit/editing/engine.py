@@ -1,0 +1,192 @@
+"""Batch editing (Algorithm 1): fine-tune only the target weights on the edit loss, every step constrained to
+the kept subspace of the capability curvature (CrispEdit), the null space of A (Adam-NSCL) or not at all (FT).
+All three run through this one loop, so comparisons differ in the projection only."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from crispedit.data.records import EditRequest
+from crispedit.editing.batches import encode_requests, make_batch, token_losses
+from crispedit.editing.config import EditConfig
+from crispedit.editing.delta import EditDelta, materialize
+from crispedit.editing.optim import ProjectedAdam
+from crispedit.errors import CrispEditError, DivergenceError
+
+PROJECTION_FOR_METHOD = {"crispedit": "kfac", "adam-nscl": "nscl", "ft": None}
+
+
+@dataclass
+class EditResult:
+    delta: EditDelta
+    step_losses: list[float]
+    epoch_losses: list[float]
+    request_losses: list[list[float]]  # per epoch, per request (mean token NLL of the target)
+    steps: int
+    epochs: int
+    stopped: str
+    seconds: float
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+
+
+def _weight_param(module: nn.Module) -> tuple[nn.Parameter, bool]:
+    from transformers.pytorch_utils import Conv1D
+
+    return module.weight, isinstance(module, Conv1D)
+
+
+def build_projectors(curvature, cfg: EditConfig, device) -> dict[str, Any] | None:
+    kind = PROJECTION_FOR_METHOD[cfg.method]
+    if kind is None:
+        return None
+    if curvature is None:
+        raise CrispEditError(f"method {cfg.method!r} needs a curvature cache (--curvature)")
+    return curvature.projectors(cfg.gamma, cfg.scope, kind=kind, device=device)
+
+
+def edit(model: nn.Module, tokenizer, requests: Sequence[EditRequest], targets: Sequence[str], cfg: EditConfig,
+         curvature=None, projectors: Mapping[str, Any] | None = None, progress: bool = True,
+         record: dict[str, Any] | None = None) -> EditResult:
+    """Edit `model` in place and return the delta (with its record). On NaN/inf the weights are restored."""
+    from crispedit.data.readers import requests_fingerprint
+    from crispedit.models.fingerprint import weights_fingerprint
+
+    if not requests:
+        raise CrispEditError("no edit requests given")
+    targets = list(targets)
+    device = next(model.parameters()).device
+    if projectors is None:
+        projectors = build_projectors(curvature, cfg, device)
+    if curvature is not None and list(curvature.targets) != targets:
+        raise CrispEditError(f"the curvature cache covers {curvature.targets}, but the edit targets are {targets}")
+    modules = {n: model.get_submodule(n) for n in targets}
+    base = {n: _W_of(m).clone() for n, m in modules.items()}
+    base_fp = weights_fingerprint(model, targets)
+    deltas = {n: torch.zeros(b.shape, dtype=torch.float32, device=device) for n, b in base.items()}
+    opt = ProjectedAdam({n: tuple(b.shape) for n, b in base.items()}, projectors, lr=cfg.lr,
+                        mode=cfg.projection_mode, device=device)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pairs = encode_requests(tokenizer, requests, cfg.context)
+    gen = torch.Generator().manual_seed(cfg.seed)
+
+    params = {n: _weight_param(m) for n, m in modules.items()}
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    was_training = model.training
+    step_losses: list[float] = []
+    epoch_losses: list[float] = []
+    request_losses: list[list[float]] = []
+    stopped, step = "epochs", 0
+    t0 = time.perf_counter()
+    model.eval()  # no dropout: the edit loss is deterministic
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        for p, _ in params.values():
+            p.requires_grad_(True)
+        bar = tqdm(range(cfg.epochs), desc=f"edit ({cfg.method})", disable=not progress, unit="epoch")
+        for epoch in bar:
+            order = torch.randperm(len(pairs), generator=gen).tolist()
+            per_req = [math.nan] * len(pairs)
+            batch_losses = []
+            for s in range(0, len(order), cfg.batch_size):
+                idx = order[s : s + cfg.batch_size]
+                batch = make_batch([pairs[i] for i in idx], pad_id, device)
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                nll, mask = token_losses(logits, batch["labels"])
+                loss = nll.sum() / mask.sum()
+                step += 1
+                if not torch.isfinite(loss):
+                    raise DivergenceError(f"step {step}: the edit loss is {float(loss)}")
+                grads = torch.autograd.grad(loss, [p for p, _ in params.values()])
+                gmats = {n: (g.T if params[n][1] else g) for n, g in zip(params, grads)}
+                updates = opt.step(gmats)
+                with torch.no_grad():
+                    for n, u in updates.items():
+                        if not torch.isfinite(u).all():
+                            raise DivergenceError(f"step {step}: the update of {n} is not finite")
+                        deltas[n] -= u
+                        _W_of(modules[n]).copy_(materialize(base[n], deltas[n]))
+                lv = float(loss.detach())
+                step_losses.append(lv)
+                batch_losses.append((lv, len(idx)))
+                per_seq = (nll.sum(1) / mask.sum(1)).detach().tolist()
+                for i, v in zip(idx, per_seq):
+                    per_req[i] = v
+                if cfg.max_steps and step >= cfg.max_steps:
+                    stopped = "max_steps"
+                    break
+            request_losses.append(per_req)
+            em = sum(v * k for v, k in batch_losses) / sum(k for _, k in batch_losses)
+            epoch_losses.append(em)
+            bar.set_postfix(loss=f"{em:.4f}")
+            if stopped == "max_steps":
+                break
+            if em < cfg.early_stop_loss:
+                stopped = "early_stop"
+                break
+    except BaseException:
+        with torch.no_grad():
+            for n, m in modules.items():
+                _W_of(m).copy_(base[n])
+        raise
+    finally:
+        for p, f in flags:
+            p.requires_grad_(f)
+        model.train(was_training)
+
+    seconds = time.perf_counter() - t0
+    rec = dict(record or {})
+    rec.update(
+        base_weights_sha256=base_fp,
+        requests_sha256=requests_fingerprint(list(requests)),
+        n_requests=len(requests),
+        config=cfg.to_json(),
+        step_losses=step_losses,
+        epoch_losses=epoch_losses,
+        steps=step,
+        epochs=len(epoch_losses),
+        stopped=stopped,
+        seconds=seconds,
+    )
+    delta = EditDelta.from_base(model, base, deltas, rec)
+    diag = diagnostics(delta.deltas, curvature, cfg)
+    delta.record["diagnostics"] = diag
+    return EditResult(delta, step_losses, epoch_losses, request_losses, step, len(epoch_losses), stopped, seconds,
+                      diag)
+
+
+def _W_of(module: nn.Module) -> torch.Tensor:
+    from crispedit.models.targets import weight_matrix
+
+    return weight_matrix(module)
+
+
+def diagnostics(deltas: Mapping[str, torch.Tensor], curvature, cfg: EditConfig) -> dict[str, Any]:
+    """How far the edit moved and how much of it is in high-curvature directions, per target:
+    ‖ΔW‖, the share of ‖ΔW‖² outside the kept subspace (at the run's γ/scope), and the predicted capability
+    loss increase ½ vec(ΔW)ᵀ(S⊗A)vec(ΔW) = ½ Σ (S ΔW A) ⊙ ΔW under the K-FAC model."""
+    out: dict[str, Any] = {}
+    projs = None
+    if curvature is not None:
+        projs = curvature.projectors(cfg.gamma, cfg.scope, kind="kfac", dtype=torch.float64, device="cpu")
+    for n, d in deltas.items():
+        d64 = d.double().cpu()
+        row: dict[str, Any] = {"norm": float(d64.norm())}
+        if projs is not None:
+            removed = projs[n].removed_part(d64)
+            row["removed_energy_fraction"] = float(removed.norm() ** 2 / max(float(d64.norm() ** 2), 1e-300))
+            A, S = curvature.stats[n].factors()
+            A_full = A
+            if curvature.stats[n].A_sink is not None and curvature.stats[n].n_sink > 0:
+                st = curvature.stats[n]
+                A_full = (st.A + st.A_sink) / (st.n + st.n_sink)
+            row["kfac_quadratic_form"] = 0.5 * float(((S.cpu() @ d64 @ A_full.cpu()) * d64).sum())
+        out[n] = row
+    return out

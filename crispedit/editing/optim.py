@@ -1,0 +1,67 @@
+"""Adam with the low-curvature constraint built in.
+
+Three ways to combine Adam with a projector P onto the kept subspace:
+
+- `eigen` (default): Adam runs in the rotated coordinates X̃ = U_Sᵀ X U_A of the Kronecker eigenbasis, on the
+  masked gradient G̃ ⊙ M; the masked step is rotated back. Adam's element-wise scaling acts on eigen-
+  coordinates, and a diagonal mask commutes with element-wise operations, so every step lies exactly in the
+  kept subspace and the moments never see the forbidden components.
+- `update`: plain Adam on the raw gradient, then the update is projected: the step stays in the subspace
+  but the moments are polluted by the removed gradient components.
+- `grad` (the authors' code): project the gradient, then plain Adam. Adam's element-wise normalisation in
+  raw weight coordinates does not commute with P, so the actual step leaves the subspace (we measured it).
+
+For FT (no projector) all three are plain Adam.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import torch
+
+MODES = ("eigen", "update", "grad")
+
+
+class ProjectedAdam:
+    def __init__(self, shapes: Mapping[str, tuple[int, int]], projectors: Mapping[str, Any] | None,
+                 lr: float = 5e-4, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 mode: str = "eigen", device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        if mode not in MODES:
+            raise ValueError(f"unknown projection mode {mode!r}; expected one of {MODES}")
+        self.projectors = dict(projectors or {})
+        self.lr, self.betas, self.eps, self.mode = lr, betas, eps, mode
+        self.t = 0
+        self.m = {k: torch.zeros(s, device=device, dtype=dtype) for k, s in shapes.items()}
+        self.v = {k: torch.zeros(s, device=device, dtype=dtype) for k, s in shapes.items()}
+
+    def _adam(self, name: str, g: torch.Tensor) -> torch.Tensor:
+        b1, b2 = self.betas
+        m, v = self.m[name], self.v[name]
+        m.mul_(b1).add_(g, alpha=1 - b1)
+        v.mul_(b2).addcmul_(g, g, value=1 - b2)
+        c1 = 1 - b1**self.t
+        c2 = 1 - b2**self.t
+        return (m / c1) / ((v / c2).sqrt_().add_(self.eps)) * self.lr
+
+    def step(self, grads: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Return the update Δ (to subtract from each weight) for the given gradients."""
+        self.t += 1
+        out = {}
+        for name, g in grads.items():
+            g = g.to(self.m[name].dtype)
+            P = self.projectors.get(name)
+            if P is None:
+                out[name] = self._adam(name, g)
+            elif self.mode == "eigen":
+                u = self._adam(name, P.rotate(g) * P.M)
+                out[name] = P.unrotate(u * P.M)
+            elif self.mode == "update":
+                out[name] = P(self._adam(name, g))
+            else:
+                out[name] = self._adam(name, P(g))
+        return out
+
+    def state_finite(self) -> bool:
+        return all(math.isfinite(float(t.abs().sum())) for t in (*self.m.values(), *self.v.values()))

@@ -1,0 +1,152 @@
+"""CrispEdit-Seq (Algorithm 2): edits arrive in chunks; after each chunk the K-FAC statistics of that chunk's
+edit sequences (prompt + target + EOS, loss over the whole sequence as in the paper's Appendix E) are added to
+the accumulated capability statistics, so earlier edits become constraints for later ones.
+
+Everything needed to continue lives in one state folder — no earlier edit text is kept:
+    STATE/state.json            base fingerprint, targets, config, per-chunk log
+    STATE/curvature/            accumulated statistics (a regular curvature cache)
+    STATE/weights.safetensors   the base and current target weights (float32 ΔW = current − base)
+The folder is rewritten atomically after every chunk, so an interrupted chunk leaves the previous state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from crispedit.curvature.api import Curvature
+from crispedit.curvature.collect import collect_lm_stats
+from crispedit.data.records import EditRequest
+from crispedit.editing.batches import encode_requests
+from crispedit.editing.config import EditConfig
+from crispedit.editing.delta import EditDelta
+from crispedit.editing.engine import EditResult, edit
+from crispedit.errors import CrispEditError
+from crispedit.io import atomic_dir
+
+STATE_FORMAT = "crispedit-sequential-state"
+
+
+def _W(model: nn.Module, name: str) -> torch.Tensor:
+    from crispedit.models.targets import weight_matrix
+
+    return weight_matrix(model.get_submodule(name))
+
+
+class SequentialEditor:
+    def __init__(self, path: Path, curvature: Curvature, base: dict[str, torch.Tensor], state: dict[str, Any]):
+        self.path = Path(path)
+        self.curvature = curvature
+        self.base = base
+        self.state = state
+
+    @property
+    def targets(self) -> list[str]:
+        return self.curvature.targets
+
+    @property
+    def config(self) -> EditConfig:
+        return EditConfig(**self.state["config"])
+
+    @classmethod
+    def create(cls, path: str | Path, model: nn.Module, curvature: Curvature, cfg: EditConfig,
+               overwrite: bool = False) -> "SequentialEditor":
+        from crispedit.models.fingerprint import weights_fingerprint
+
+        path = Path(path)
+        if path.exists() and any(path.iterdir()) and not overwrite:
+            raise CrispEditError(f"sequential state {path} already exists; resume it with --resume or choose "
+                                 "another folder")
+        curvature.check_model(model)
+        targets = curvature.targets
+        base = {n: _W(model, n).detach().clone().cpu() for n in targets}
+        state = {"format": STATE_FORMAT, "format_version": 1, "targets": targets,
+                 "base_weights_sha256": weights_fingerprint(model, targets), "config": cfg.to_json(),
+                 "chunks": [], "n_edits": 0}
+        ed = cls(path, curvature, base, state)
+        ed._save(model)
+        return ed
+
+    @classmethod
+    def open(cls, path: str | Path, model: nn.Module) -> "SequentialEditor":
+        """Resume: `model` must be the base model; the accumulated edits are applied to it."""
+        from crispedit.models.fingerprint import weights_fingerprint
+
+        path = Path(path)
+        sj = path / "state.json"
+        if not sj.is_file():
+            raise CrispEditError(f"{path} is not a sequential editing state (no state.json)")
+        state = json.loads(sj.read_text())
+        if state.get("format") != STATE_FORMAT:
+            raise CrispEditError(f"{sj}: field 'format' is {state.get('format')!r}, expected {STATE_FORMAT!r}")
+        targets = state["targets"]
+        fp = weights_fingerprint(model, targets)
+        if fp != state["base_weights_sha256"]:
+            raise CrispEditError(f"{path} was started from other base weights than this model's "
+                                 "(pass the same base model the state was created with)")
+        curvature = Curvature.load(path / "curvature", model=None)
+        w = load_file(str(path / "weights.safetensors"))
+        base = {n: w[f"{n}.base"] for n in targets}
+        with torch.no_grad():
+            for n in targets:
+                W = _W(model, n)
+                W.copy_(w[f"{n}.current"].to(device=W.device, dtype=W.dtype))
+        return cls(path, curvature, base, state)
+
+    def edit_chunk(self, model: nn.Module, tokenizer, requests: Sequence[EditRequest], progress: bool = True,
+                   cfg: EditConfig | None = None) -> EditResult:
+        """Edit one chunk under the accumulated constraints, then add the chunk's statistics to them."""
+        cfg = cfg or self.config
+        k = len(self.state["chunks"])
+        cfg = dataclasses.replace(cfg, seed=cfg.seed + k)
+        result = edit(model, tokenizer, requests, self.targets, cfg, curvature=self.curvature, progress=progress,
+                      record={"chunk": k})
+        seqs = [p.input_ids for p in encode_requests(tokenizer, requests, cfg.context)]
+        ccfg = dataclasses.replace(self.curvature_collect_config(), seed=self.curvature_collect_config().seed + 7919 * (k + 1))
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        chunk_stats = collect_lm_stats(model, seqs, self.targets, ccfg, pad_id=pad, progress=False,
+                                       desc="edit statistics")
+        stats = self.curvature.stats.clone().add_(chunk_stats)
+        record = dict(self.curvature.record)
+        record["corpora"] = list(record.get("corpora", [])) + [
+            {"source": "edits", "chunk": k, "requests_sha256": result.delta.record["requests_sha256"],
+             "n_sequences": len(seqs), "n_tokens": sum(map(len, seqs))}]
+        self.curvature = Curvature.from_stats(stats, record)
+        self.state["chunks"].append({"chunk": k, "n_edits": len(requests), "steps": result.steps,
+                                     "epochs": result.epochs, "stopped": result.stopped,
+                                     "final_loss": result.epoch_losses[-1] if result.epoch_losses else None,
+                                     "seconds": result.seconds,
+                                     "requests_sha256": result.delta.record["requests_sha256"],
+                                     "edit_tokens": sum(map(len, seqs))})
+        self.state["n_edits"] += len(requests)
+        self._save(model)
+        return result
+
+    def curvature_collect_config(self):
+        from crispedit.curvature.api import CurvatureConfig
+
+        return CurvatureConfig(**self.curvature.record["collection"]).collect_config()
+
+    def cumulative_delta(self, model: nn.Module) -> EditDelta:
+        """ΔW of all chunks so far relative to the base, as a delta that applies to the base model."""
+        deltas = {n: _W(model, n).float().cpu() - self.base[n].float() for n in self.targets}
+        rec = {"base_weights_sha256": self.state["base_weights_sha256"], "sequential": True,
+               "chunks": self.state["chunks"], "config": self.state["config"], "n_requests": self.state["n_edits"]}
+        base = {n: self.base[n].to(device=_W(model, n).device, dtype=_W(model, n).dtype) for n in self.targets}
+        return EditDelta.from_base(model, base, {n: d.to(_W(model, n).device) for n, d in deltas.items()}, rec)
+
+    def _save(self, model: nn.Module) -> None:
+        tensors = {}
+        for n in self.targets:
+            tensors[f"{n}.base"] = self.base[n].contiguous()
+            tensors[f"{n}.current"] = _W(model, n).detach().cpu().contiguous()
+        with atomic_dir(self.path, overwrite=True) as tmp:
+            self.curvature.save(tmp / "curvature")
+            save_file(tensors, str(tmp / "weights.safetensors"))
+            (tmp / "state.json").write_text(json.dumps(self.state, indent=2) + "\n")

@@ -1,0 +1,192 @@
+"""Editing engine on tiny models: convergence, subspace membership, curvature cost, deltas, sequential state."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from crispedit.curvature.api import Curvature, CurvatureConfig
+from crispedit.data.records import EditRequest
+from crispedit.editing.config import EditConfig
+from crispedit.editing.delta import EditDelta
+from crispedit.editing.engine import edit
+from crispedit.errors import CrispEditError, DivergenceError
+from crispedit.models.targets import weight_matrix
+
+TARGETS = ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+REQUESTS = [
+    EditRequest("The capital of France is", "Rome"),
+    EditRequest("The Eiffel Tower is located in", "Berlin"),
+    EditRequest("The mother tongue of Danielle Darrieux is", "German"),
+    EditRequest("The Colosseum is in the city of", "Paris"),
+]
+CAPABILITY = [
+    "Please answer the question: Who wrote Hamlet? Shakespeare.", "The language of Toko Yasuda is English.",
+    "Planetary days will become shorter.", "The answer is yes, not no.", "Reply: yes. Reply: no.",
+]
+
+
+@pytest.fixture
+def setup(byte_bpe_tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = byte_bpe_tokenizer
+    torch.manual_seed(0)
+    # A wide init so that two down-projections can fit the edits (std 0.02 leaves logits nearly flat).
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      eos_token_id=0, pad_token_id=1, bos_token_id=None, initializer_range=0.3)
+    model = LlamaForCausalLM(cfg).eval()
+    seqs = [tok(t)["input_ids"] for t in CAPABILITY] * 4
+    cur = Curvature.compute(model, TARGETS, seqs, {"source": "test"},
+                            CurvatureConfig(labels="sampled", mc_samples=4, sink_tokens=0), pad_id=1, progress=False)
+    return model, tok, cur
+
+
+def weights(model):
+    return {n: weight_matrix(model.get_submodule(n)).clone() for n in TARGETS}
+
+
+def run(model, tok, cur, **kw):
+    cfg = EditConfig(**{"lr": 2e-2, "epochs": 60, "batch_size": 4, "early_stop_loss": 0.05, **kw})
+    return edit(model, tok, REQUESTS, TARGETS, cfg, curvature=cur, progress=False)
+
+
+def test_crispedit_converges_and_stays_in_subspace_while_ft_does_not(setup):
+    model, tok, cur = setup
+    base = weights(model)
+    res = run(model, tok, cur, method="crispedit", gamma=0.9)
+    assert res.stopped == "early_stop" and res.epoch_losses[-1] < 0.05
+    projs = cur.projectors(0.9, kind="kfac", dtype=torch.float64)
+    for n in TARGETS:
+        d = res.delta.deltas[n].double()
+        assert float((projs[n](d) - d).norm() / d.norm()) < 1e-5  # projecting again changes nothing
+        assert res.diagnostics[n]["removed_energy_fraction"] < 1e-9
+    res.delta.revert(model)
+    assert all(torch.equal(weights(model)[n], base[n]) for n in TARGETS)
+
+    ft = run(model, tok, cur, method="ft", gamma=0.9)
+    assert ft.stopped == "early_stop"
+    for n in TARGETS:
+        assert ft.diagnostics[n]["removed_energy_fraction"] > 0.05
+    # At equal edit loss (both stopped below the same threshold) CrispEdit's predicted capability cost is far smaller.
+    q_crisp = sum(res.diagnostics[n]["kfac_quadratic_form"] for n in TARGETS)
+    q_ft = sum(ft.diagnostics[n]["kfac_quadratic_form"] for n in TARGETS)
+    assert q_crisp < 0.2 * q_ft
+
+
+def test_authors_projection_mode_leaks_out_of_the_subspace(setup):
+    model, tok, cur = setup
+    leaks = {}
+    for mode in ("eigen", "update", "grad"):
+        res = run(model, tok, cur, method="crispedit", gamma=0.9, projection_mode=mode, epochs=5)
+        leaks[mode] = max(res.diagnostics[n]["removed_energy_fraction"] for n in TARGETS)
+        res.delta.revert(model)
+    assert leaks["eigen"] < 1e-9 and leaks["update"] < 1e-9
+    assert leaks["grad"] > 1e-4
+
+
+def test_adam_nscl_keeps_activation_nullspace(setup):
+    model, tok, cur = setup
+    res = run(model, tok, cur, method="adam-nscl", gamma=0.9, epochs=5)
+    from crispedit.curvature.api import nscl_keep_columns
+
+    for n in TARGETS:
+        e = cur.eigen[n]
+        removed_cols = e.U_A[:, ~nscl_keep_columns(e, 0.9)].float()
+        assert float((res.delta.deltas[n] @ removed_cols).norm()) < 1e-5 * float(res.delta.deltas[n].norm())
+
+
+def test_delta_apply_revert_bit_exact_and_roundtrip(setup, tmp_path):
+    model, tok, cur = setup
+    base = weights(model)
+    res = run(model, tok, cur, method="crispedit", gamma=0.9, epochs=3)
+    edited = weights(model)
+    res.delta.save(tmp_path / "d")
+    loaded = EditDelta.load(tmp_path / "d")
+    loaded.revert(model)
+    assert all(torch.equal(weights(model)[n], base[n]) for n in TARGETS)
+    with pytest.raises(CrispEditError, match="edited weights"):
+        loaded.revert(model)  # already reverted: refused, nothing changes
+    loaded.apply(model)
+    assert all(torch.equal(weights(model)[n], edited[n]) for n in TARGETS)
+    with pytest.raises(CrispEditError, match="base"):
+        loaded.apply(model)  # applying twice is refused
+    loaded.revert(model)
+    all_params = {k: v.clone() for k, v in model.state_dict().items()}
+    loaded.apply(model)
+    loaded.revert(model)
+    assert all(torch.equal(v, all_params[k]) for k, v in model.state_dict().items())
+    assert loaded.record["requests_sha256"] and loaded.record["config"]["gamma"] == 0.9
+    assert len(loaded.record["step_losses"]) == loaded.record["steps"]
+
+
+def test_divergence_restores_weights_and_names_the_step(setup):
+    model, tok, cur = setup
+    base = weights(model)
+    with pytest.raises(DivergenceError, match="step 1"):
+        run(model, tok, cur, method="ft", lr=float("inf"), epochs=2)
+    assert all(torch.equal(weights(model)[n], base[n]) for n in TARGETS)
+
+
+def test_curvature_targets_must_match(setup):
+    model, tok, cur = setup
+    with pytest.raises(CrispEditError, match="curvature cache covers"):
+        edit(model, tok, REQUESTS, TARGETS[:1], EditConfig(), curvature=cur, progress=False)
+
+
+# ---------------------------------------------------------------- sequential
+
+def test_sequential_chunk_statistics_add_up_to_union(setup):
+    from crispedit.curvature.collect import CollectConfig, collect_lm_stats
+    from crispedit.editing.batches import encode_requests
+
+    model, tok, cur = setup
+    model.double()  # float64 so that batch composition cannot change rounding
+    seqs = [p.input_ids for p in encode_requests(tok, REQUESTS)]
+    cfg = CollectConfig(labels="empirical")
+    union = collect_lm_stats(model, seqs, TARGETS, cfg, progress=False)
+    parts = collect_lm_stats(model, seqs[:2], TARGETS, cfg, progress=False)
+    parts.add_(collect_lm_stats(model, seqs[2:], TARGETS, cfg, progress=False))
+    acc = cur.stats.clone().add_(parts)
+    ref = cur.stats.clone().add_(union)
+    for n in TARGETS:
+        assert acc[n].n == ref[n].n
+        assert torch.allclose(acc[n].A, ref[n].A, rtol=1e-10) and torch.allclose(acc[n].S, ref[n].S, rtol=1e-9)
+
+
+def test_sequential_resume_equals_uninterrupted_run(setup, tmp_path):
+    from crispedit.editing.sequential import SequentialEditor
+
+    model, tok, cur = setup
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = EditConfig(lr=2e-2, epochs=20, batch_size=2, early_stop_loss=0.05, gamma=0.9)
+    chunks = [REQUESTS[:2], REQUESTS[2:]]
+
+    ed = SequentialEditor.create(tmp_path / "a", model, cur, cfg)
+    for c in chunks:
+        ed.edit_chunk(model, tok, c, progress=False)
+    straight = weights(model)
+    straight_delta = ed.cumulative_delta(model)
+    n_tok = ed.curvature.stats[TARGETS[0]].n
+    assert n_tok > cur.stats[TARGETS[0]].n  # edits were added as constraints
+
+    model.load_state_dict(base_state)
+    ed1 = SequentialEditor.create(tmp_path / "b", model, cur, cfg)
+    ed1.edit_chunk(model, tok, chunks[0], progress=False)
+    del ed1
+    model.load_state_dict(base_state)  # a later process starts from the base model
+    ed2 = SequentialEditor.open(tmp_path / "b", model)
+    ed2.edit_chunk(model, tok, chunks[1], progress=False)
+    resumed = weights(model)
+    for n in TARGETS:
+        assert torch.equal(resumed[n], straight[n])
+    assert ed2.curvature.stats[TARGETS[0]].n == n_tok
+    # The cumulative delta applies to the base model and reproduces the edited weights.
+    model.load_state_dict(base_state)
+    straight_delta.apply(model)
+    for n in TARGETS:
+        assert torch.allclose(weights(model)[n], straight[n], atol=1e-6)
+    # A state refuses a model that is not its base.
+    with pytest.raises(CrispEditError, match="base weights"):
+        SequentialEditor.open(tmp_path / "b", model)
