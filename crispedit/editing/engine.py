@@ -29,6 +29,7 @@ class EditResult:
     step_losses: list[float]
     epoch_losses: list[float]
     request_losses: list[list[float]]  # per epoch, per request (mean token NLL of the target)
+    step_seconds: list[float]
     steps: int
     epochs: int
     stopped: str
@@ -80,6 +81,7 @@ def edit(model: nn.Module, tokenizer, requests: Sequence[EditRequest], targets: 
     flags = [(p, p.requires_grad) for p in model.parameters()]
     was_training = model.training
     step_losses: list[float] = []
+    step_seconds: list[float] = []
     epoch_losses: list[float] = []
     request_losses: list[list[float]] = []
     stopped, step = "epochs", 0
@@ -97,6 +99,7 @@ def edit(model: nn.Module, tokenizer, requests: Sequence[EditRequest], targets: 
             batch_losses = []
             for s in range(0, len(order), cfg.batch_size):
                 idx = order[s : s + cfg.batch_size]
+                ts = time.perf_counter()
                 batch = make_batch([pairs[i] for i in idx], pad_id, device)
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                 nll, mask = token_losses(logits, batch["labels"])
@@ -114,6 +117,7 @@ def edit(model: nn.Module, tokenizer, requests: Sequence[EditRequest], targets: 
                         deltas[n] -= u
                         _W_of(modules[n]).copy_(materialize(base[n], deltas[n]))
                 lv = float(loss.detach())
+                step_seconds.append(time.perf_counter() - ts)
                 step_losses.append(lv)
                 batch_losses.append((lv, len(idx)))
                 per_seq = (nll.sum(1) / mask.sum(1)).detach().tolist()
@@ -158,8 +162,8 @@ def edit(model: nn.Module, tokenizer, requests: Sequence[EditRequest], targets: 
     delta = EditDelta.from_base(model, base, deltas, rec)
     diag = diagnostics(delta.deltas, curvature, cfg)
     delta.record["diagnostics"] = diag
-    return EditResult(delta, step_losses, epoch_losses, request_losses, step, len(epoch_losses), stopped, seconds,
-                      diag)
+    return EditResult(delta, step_losses, epoch_losses, request_losses, step_seconds, step, len(epoch_losses),
+                      stopped, seconds, diag)
 
 
 def _W_of(module: nn.Module) -> torch.Tensor:

@@ -1,0 +1,178 @@
+"""`crispedit demo`: the main job on the embedded defaults, end to end and offline.
+
+SmolLM2-135M-Instruct, the embedded Wikipedia excerpt as capability corpus, a handful of counterfactual edits
+(the first CounterFact records from ../shared/data when present, else the ones below). It builds or reuses the
+curvature cache, edits with FT and with CrispEdit through the same loop, evaluates base / FT / CrispEdit, prints
+a before/after table of generations and the summary metrics, and writes a report folder (JSON, Markdown, PNG).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from crispedit.data.records import EditRequest, LocalityPrompt
+
+FALLBACK_EDITS = [
+    EditRequest("The Eiffel Tower is located in the city of", "Rome", ground_truth="Paris",
+                rephrases=("Where is the Eiffel Tower? It is in the city of",),
+                locality=(LocalityPrompt("The Colosseum is located in the city of", "Rome"),)),
+    EditRequest("The mother tongue of Danielle Darrieux is", "English", ground_truth="French",
+                rephrases=("Danielle Darrieux, a native speaker of",),
+                locality=(LocalityPrompt("The mother tongue of Léon Blum is", "French"),)),
+    EditRequest("The capital of Canada is", "Toronto", ground_truth="Ottawa",
+                rephrases=("Canada's capital city is",),
+                locality=(LocalityPrompt("The capital of France is", "Paris"),)),
+    EditRequest("Apple A5 was created by", "Google", ground_truth="Apple",
+                rephrases=("Apple A5 is developed by",),
+                locality=(LocalityPrompt("iPhone was created by", "Apple"),)),
+    EditRequest("The official language of Brazil is", "Spanish", ground_truth="Portuguese",
+                rephrases=("In Brazil, people officially speak",),
+                locality=(LocalityPrompt("The official language of Portugal is", "Portuguese"),)),
+]
+COUNTERFACT_CANDIDATES = ("../shared/data/counterfact/counterfact-edit.json",
+                          "shared/data/counterfact/counterfact-edit.json")
+
+
+@dataclass
+class DemoConfig:
+    out: str = "crispedit-demo"
+    n_edits: int = 10
+    samples: int = 32
+    max_length: int = 128
+    heldout_samples: int = 16
+    gamma: float = 0.99
+    lr: float = 1e-3
+    epochs: int = 25
+    benchmark_limit: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"
+    seed: int = 0
+
+
+def find_counterfact() -> Path | None:
+    here = Path(__file__).resolve().parents[1]
+    for c in COUNTERFACT_CANDIDATES:
+        for base in (Path.cwd(), here):
+            p = (base / c).resolve()
+            if p.is_file():
+                return p
+    return None
+
+
+def demo_requests(n: int) -> tuple[list[EditRequest], str]:
+    from crispedit.data.readers import load_requests
+
+    p = find_counterfact()
+    if p is not None:
+        return load_requests(p, limit=n), str(p)
+    return FALLBACK_EDITS[:n], "built-in demo edits"
+
+
+def cached_curvature(model, tok, cfg: DemoConfig, progress: bool = True):
+    """Build the demo's curvature cache once (in the crispedit home folder) and reuse it."""
+    from crispedit.curvature.api import Curvature, CurvatureConfig
+    from crispedit.data.corpus import build_corpus
+    from crispedit.models.home import crispedit_home
+    from crispedit.models.targets import resolve_targets
+
+    targets = resolve_targets(model, None)
+    path = crispedit_home() / "caches" / f"demo-smollm2-n{cfg.samples}-L{cfg.max_length}-s{cfg.seed}"
+    if (path / "curvature.json").is_file():
+        try:
+            return Curvature.load(path, model=model), path, True
+        except Exception:  # noqa: BLE001 - a stale or foreign cache is rebuilt
+            pass
+    corpus = build_corpus(tok, None, n_samples=cfg.samples, max_length=cfg.max_length, seed=cfg.seed)
+    cur = Curvature.compute(model, targets, corpus.sequences, corpus.describe(), CurvatureConfig(seed=cfg.seed),
+                            pad_id=tok.pad_token_id, progress=progress)
+    cur.save(path)
+    return cur, path, False
+
+
+def run_demo(cfg: DemoConfig = DemoConfig(), progress: bool = True, echo=print) -> dict[str, Any]:
+    from crispedit.data.corpus import build_corpus
+    from crispedit.editing.config import EditConfig
+    from crispedit.editing.engine import edit
+    from crispedit.evaluation.generation import generate_greedy
+    from crispedit.evaluation.plots import plot_loss_curves, plot_tradeoff
+    from crispedit.evaluation.report import compare_reports, write_report
+    from crispedit.evaluation.runner import EvalConfig, evaluate
+    from crispedit.formatting import PromptFormat, encode_prompt
+    from crispedit.io import atomic_dir
+    from crispedit.models.loading import EMBEDDED_MODEL, load_model
+
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    echo(f"crispedit demo: {EMBEDDED_MODEL}, embedded Wikipedia excerpt, {cfg.n_edits} counterfactual edits")
+    model, tok = load_model(EMBEDDED_MODEL, device=cfg.device, dtype=cfg.dtype)
+    timings["load_model"] = time.perf_counter() - t0
+    requests, source = demo_requests(cfg.n_edits)
+    echo(f"edits from {source}")
+
+    t = time.perf_counter()
+    cur, cache_path, reused = cached_curvature(model, tok, cfg, progress)
+    timings["curvature"] = time.perf_counter() - t
+    echo(f"curvature cache {'reused' if reused else 'built'}: {cache_path} ({cur.record.get('n_tokens')} tokens, "
+         f"{timings['curvature']:.0f} s)")
+    heldout = build_corpus(tok, None, n_samples=cfg.heldout_samples, max_length=cfg.max_length, seed=cfg.seed,
+                           split="heldout")
+    base = copy.deepcopy(model)
+    prompts = [encode_prompt(tok, r.prompt, PromptFormat()) for r in requests]
+    gens = {"base": generate_greedy(base, tok, prompts, max_new_tokens=12)}
+    ecfg = EvalConfig(generated_contexts=("raw",), benchmarks=("mmlu", "arc") if cfg.benchmark_limit else (),
+                      benchmark_limit=cfg.benchmark_limit or None, show_progress=progress)
+    reports, losses, runs = {}, {}, {}
+    reports["base"] = evaluate(base, None, tok, requests, heldout, ecfg, run_config={"label": "base", "method": "base"})
+    for method in ("ft", "crispedit"):
+        t = time.perf_counter()
+        ec = EditConfig(method=method, gamma=cfg.gamma, lr=cfg.lr, epochs=cfg.epochs, seed=cfg.seed)
+        res = edit(model, tok, requests, cur.targets, ec, curvature=cur, progress=progress)
+        timings[f"edit_{method}"] = time.perf_counter() - t
+        losses[method] = res.step_losses
+        gens[method] = generate_greedy(model, tok, prompts, max_new_tokens=12)
+        t = time.perf_counter()
+        label = "FT" if method == "ft" else f"CrispEdit γ={cfg.gamma}"
+        reports[method] = evaluate(model, base, tok, requests, heldout, ecfg,
+                                   run_config=dict(ec.to_json(), label=label))
+        timings[f"eval_{method}"] = time.perf_counter() - t
+        runs[method] = {"steps": res.steps, "stopped": res.stopped, "final_loss": res.epoch_losses[-1],
+                        "diagnostics": res.diagnostics}
+        res.delta.revert(model)
+
+    rows = []
+    for i, r in enumerate(requests):
+        rows.append(f"| {_md(r.prompt)} | {_md(r.target)} | {_md(gens['base'][i])} | {_md(gens['ft'][i])} | "
+                    f"{_md(gens['crispedit'][i])} |")
+    gen_table = "\n".join(["| prompt | target | base | FT | CrispEdit |", "|---|---|---|---|---|", *rows])
+    table = compare_reports(list(reports.values()))
+    timings["total"] = time.perf_counter() - t0
+    out = Path(cfg.out)
+    with atomic_dir(out, overwrite=True) as tmp:
+        for k, rep in reports.items():
+            write_report(rep, tmp / f"{k}.json")
+        plot_tradeoff([reports["ft"], reports["crispedit"]], tmp / "tradeoff.png")
+        plot_loss_curves(losses, tmp / "edit_loss.png", title="edit loss per step")
+        summary = {"model": EMBEDDED_MODEL, "edits": source, "n_edits": len(requests), "config": cfg.__dict__,
+                   "curvature_cache": str(cache_path), "curvature_reused": reused, "timings_s": timings,
+                   "runs": runs, "summary": {k: r.summary for k, r in reports.items()}, "generations": gens}
+        (tmp / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (tmp / "README.md").write_text(f"# crispedit demo\n\n## Generations (greedy, raw prompt)\n\n{gen_table}\n\n"
+                                       f"## Metrics\n\n{table}\n\nTimings (s): "
+                                       + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()) + "\n")
+    echo("\nGenerations after each prompt (greedy):\n")
+    for i, r in enumerate(requests):
+        echo(f"  {r.prompt} → target {r.target!r}")
+        for k in ("base", "ft", "crispedit"):
+            echo(f"      {k:9s} {gens[k][i]!r}")
+    echo("\n" + table)
+    echo(f"\nreport folder: {out}/  (README.md, *.json, tradeoff.png, edit_loss.png); total {timings['total']:.0f} s")
+    return summary
+
+
+def _md(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ").strip()
