@@ -47,13 +47,16 @@ def sym_eigh(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     return lam.clamp_min(0.0), U, n_neg
 
 
-def _sink_basis(A_sink: torch.Tensor, energy: float) -> torch.Tensor:
+def _sink_split(A_sink: torch.Tensor, energy: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(V, Q): V spans the sink directions holding `energy` of A_sink's trace, Q the orthogonal complement
+    (both from one eigh of A_sink)."""
     lam, U, _ = sym_eigh(A_sink)
     total = float(lam.sum())
     if total <= 0:
-        return U[:, :0]
+        return U[:, :0], U
     r = int(torch.searchsorted(torch.cumsum(lam, 0) / total, torch.tensor(energy, dtype=lam.dtype)).item()) + 1
-    return U[:, : min(r, lam.numel())]
+    r = min(r, lam.numel())
+    return U[:, :r], U[:, r:]
 
 
 def eigendecompose(stats: LayerStats, sink_energy: float = 0.99) -> LayerEigen:
@@ -63,11 +66,8 @@ def eigendecompose(stats: LayerStats, sink_energy: float = 0.99) -> LayerEigen:
     if A_sink is None:
         lam_A, U_A, neg_A = sym_eigh(A)
         return LayerEigen(lam_A, U_A, lam_S, U_S, 0, neg_A, neg_S)
-    V = _sink_basis(A_sink, sink_energy)
+    V, Q = _sink_split(A_sink, sink_energy)
     r = V.shape[1]
-    # Orthonormal basis of the complement of span(V).
-    _, Qfull, _ = sym_eigh(torch.eye(A.shape[0], dtype=torch.float64, device=A.device) - V @ V.T)
-    Q = Qfull[:, : A.shape[0] - r]
     lam_c, W, neg_A = sym_eigh(Q.T @ A @ Q)
     U_A = torch.cat([V, Q @ W], dim=1)
     lam_A = torch.cat([torch.full((r,), float("inf"), dtype=torch.float64, device=A.device), lam_c])
