@@ -45,8 +45,8 @@ class DemoConfig:
     samples: int = 32
     max_length: int = 128
     heldout_samples: int = 16
-    gamma: float = 0.99
-    lr: float = 1e-3
+    gamma: float = 0.9
+    lr: float = 5e-3
     epochs: int = 25
     benchmark_limit: int = 0
     device: str = "cpu"

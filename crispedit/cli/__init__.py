@@ -38,6 +38,7 @@ COMMAND_MODULES = (
     "crispedit.cli.edit_cmd",
     "crispedit.cli.eval_cmd",
     "crispedit.cli.demo_cmd",
+    "crispedit.cli.study_cmd",
 )
 
 # Errors that come from what the user typed or pointed at, not from a bug.

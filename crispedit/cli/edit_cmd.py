@@ -27,13 +27,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="use a cache computed for other weights anyway")
     p.add_argument("--layers", metavar="SPEC", help=LAYERS_HELP + " (FT without a cache)")
     p.add_argument("--method", choices=METHODS, default="crispedit")
-    p.add_argument("--gamma", type=fraction(), default=0.99, help="energy threshold γ in (0, 1)")
+    p.add_argument("--gamma", type=fraction(), default=0.9, help="energy threshold γ in (0, 1)")
     p.add_argument("--scope", choices=("layer", "global"), default="layer",
                    help="energy threshold per target layer or across all targets")
     p.add_argument("--projection-mode", choices=("eigen", "update", "grad"), default="eigen",
                    help="eigen: Adam in the masked Kronecker eigenbasis (exact); update: project Adam's step; "
                         "grad: project the gradient before Adam (the authors' code; leaks)")
-    p.add_argument("--lr", type=positive_float, default=1e-3)
+    p.add_argument("--lr", type=positive_float, default=5e-3)
     p.add_argument("--epochs", type=positive_int, default=25)
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--early-stop-loss", type=positive_float, default=0.01)

@@ -9,14 +9,16 @@ METHODS = ("crispedit", "ft", "adam-nscl")
 
 @dataclass(frozen=True)
 class EditConfig:
-    """Defaults: the paper's Table 2 (Adam, lr 5e-4, batch 32, ≤25 epochs, stop when the epoch-mean edit loss
-    < 0.01) except where measured otherwise on the embedded model — see the README's results section."""
+    """Defaults: the paper's Table 2 (Adam, batch 32, ≤25 epochs, stop when the epoch-mean edit loss < 0.01)
+    except γ = 0.9 and lr = 5e-3, measured on the embedded model (README, results): with Adam in the masked
+    eigenbasis every kept coordinate moves ~lr per step, and at lr 1e-3 / γ 0.99 a 25-step budget
+    barely lowers the edit loss (12.5 → 10.6 on 20 CounterFact edits, 0 % reliability)."""
 
     method: str = "crispedit"
-    gamma: float = 0.99
+    gamma: float = 0.9
     scope: str = "layer"
     projection_mode: str = "eigen"
-    lr: float = 1e-3
+    lr: float = 5e-3
     epochs: int = 25
     batch_size: int = 32
     early_stop_loss: float = 0.01

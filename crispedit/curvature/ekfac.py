@@ -1,0 +1,172 @@
+"""EK-FAC: K-FAC's Kronecker eigenbasis with eigenvalues re-estimated from per-example gradients.
+
+K-FAC approximates a layer's Gauss-Newton block G by S ⊗ A, whose eigenvalues are the products
+λ_S,i·λ_A,j. EK-FAC (George et al., 2018) keeps the eigenbasis U = U_S ⊗ U_A but replaces the products by
+the second moments of the per-example weight gradients in that basis,
+
+    λ_ij = (1/N) Σ_n Σ_c ( u_S,iᵀ DW_nc u_A,j )²,      DW_nc = Σ_t g_nct a_ntᵀ   (d_out × d_in),
+
+where g_nct is the gradient of the loss with respect to the layer output at position t of example n for
+"column" c (the C columns of the softmax cross-entropy Hessian's square root with labels="exact", or
+sampled / empirical labels), and N is the number of valid positions (the K-FAC normalisation, so both
+describe the Gauss-Newton matrix of the mean loss). With one position per example and exact labels, λ is
+exactly the diagonal of the exact Gauss-Newton block rotated into the K-FAC eigenbasis, diag(Uᵀ G U) —
+the best diagonal in that basis (closest in Frobenius norm) — for any number of examples. With several
+positions per example, `exact` columns also pick up cross-position products; sampled labels are exact in
+expectation because the cross-position terms have zero mean.
+
+The masks keep the directions whose corrected eigenvalue is below a γ-energy cutoff; the projector is
+crispedit's KroneckerProjector with that mask (the mask need not be a "staircase").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
+
+import math
+
+import torch
+from torch import nn
+
+from crispedit.curvature.collect import CollectConfig, _Capture, _sqrt_hessian_columns
+from crispedit.curvature.eigen import LayerEigen
+from crispedit.curvature.projector import KroneckerProjector
+
+
+@dataclass
+class EKFACEigen:
+    """One layer's K-FAC eigenbasis and corrected eigenvalues lam (d_out, d_in); lam[:, :n_sink] = +inf."""
+
+    U_S: torch.Tensor
+    U_A: torch.Tensor
+    lam: torch.Tensor
+    n_sink: int = 0
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.lam.shape)  # type: ignore[return-value]
+
+
+class EKFACAccumulator:
+    """Running sums Σ (U_Sᵀ DW U_A)² per layer (float64) and the count of valid positions."""
+
+    def __init__(self, eigs: Mapping[str, LayerEigen], chunk: int = 256):
+        self.eigs = dict(eigs)
+        self.sums = {k: torch.zeros(e.d_out, e.d_in, dtype=torch.float64, device=e.U_S.device)
+                     for k, e in self.eigs.items()}
+        self.n = 0
+        self.chunk = chunk
+
+    def _add(self, name: str, g: torch.Tensor, a: torch.Tensor, weight: float) -> None:
+        e = self.eigs[name]
+        gr = g.double() @ e.U_S.to(g.device)  # rows: U_Sᵀ g
+        ar = a.double() @ e.U_A.to(a.device)  # rows: U_Aᵀ a
+        if gr.dim() == 2:  # one position per example: Σ_n (gr_n,i)² (ar_n,j)²
+            upd = (gr * gr).T @ (ar * ar)
+        else:
+            gr = gr.reshape(gr.shape[0], -1, gr.shape[-1])
+            ar = ar.reshape(ar.shape[0], -1, ar.shape[-1])
+            upd = torch.zeros_like(self.sums[name], device=gr.device)
+            for i in range(0, gr.shape[0], self.chunk):
+                dw = torch.einsum("bti,btj->bij", gr[i:i + self.chunk], ar[i:i + self.chunk])
+                upd += (dw * dw).sum(0)
+        self.sums[name] += (upd * weight).to(self.sums[name].device)
+
+    def accumulate_batch(self, modules: dict[str, nn.Module], forward: Callable[[], torch.Tensor],
+                         targets: torch.Tensor, valid: torch.Tensor, cfg: CollectConfig,
+                         generator: torch.Generator | None = None) -> None:
+        """Same inputs as `collect.accumulate_batch`: logits (*positions, C) with examples along dim 0,
+        targets (*positions) with -100 = no loss term, valid (*positions) bool (inputs and output
+        gradients at invalid positions do not count)."""
+        if list(modules) != list(self.eigs):
+            raise ValueError(f"modules {list(modules)} do not match the eigenbases {list(self.eigs)}")
+        with _Capture(modules) as cap:
+            logits = forward()
+            loss_pos = targets != -100
+            outs = [cap.outputs[k] for k in modules]
+            vmask = valid.to(logits.device)
+
+            def masked(t: torch.Tensor) -> torch.Tensor:
+                return t * vmask.reshape(*vmask.shape, 1).to(t.dtype)
+
+            inputs = {k: masked(cap.inputs[k]) for k in modules}
+            if bool(loss_pos.any()):
+                if cfg.labels == "exact":
+                    out_logits = logits[loss_pos]
+                    cols = list(_sqrt_hessian_columns(out_logits))
+                    for i, col in enumerate(cols):
+                        gs = torch.autograd.grad((out_logits * col).sum(), outs, retain_graph=i < len(cols) - 1,
+                                                 allow_unused=True)
+                        for name, g in zip(modules, gs):
+                            if g is not None:
+                                self._add(name, masked(g), inputs[name], 1.0)
+                else:
+                    for m in range(cfg.mc_samples):
+                        if cfg.labels == "sampled":
+                            probs = torch.softmax(logits.detach().double(), dim=-1)
+                            flat = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
+                            y = torch.where(loss_pos, flat.reshape(loss_pos.shape), torch.full_like(targets, -100))
+                        else:
+                            y = targets
+                        lg = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+                        loss = nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]),
+                                                           y.reshape(-1), reduction="sum", ignore_index=-100)
+                        gs = torch.autograd.grad(loss, outs, retain_graph=m < cfg.mc_samples - 1, allow_unused=True)
+                        for name, g in zip(modules, gs):
+                            if g is not None:
+                                self._add(name, masked(g), inputs[name], 1.0 / cfg.mc_samples)
+            self.n += int(valid.sum())
+
+    def result(self) -> dict[str, EKFACEigen]:
+        if self.n == 0:
+            raise ValueError("no positions were accumulated")
+        out = {}
+        for k, e in self.eigs.items():
+            lam = self.sums[k] / self.n
+            if e.n_sink:
+                lam = lam.clone()
+                lam[:, : e.n_sink] = math.inf
+            out[k] = EKFACEigen(e.U_S, e.U_A, lam, e.n_sink)
+        return out
+
+
+def energy_cutoff_values(values: Sequence[torch.Tensor] | torch.Tensor, gamma: float) -> float:
+    """Cutoff τ over non-negative curvature values: the values ≥ τ (the largest ones) hold ≥ γ of the sum of
+    the finite values; +inf when nothing needs removing. Same rule as masks.energy_cutoff for products."""
+    if not 0.0 <= gamma < 1.0:
+        raise ValueError(f"gamma must be in [0, 1), got {gamma}")
+    if isinstance(values, torch.Tensor):
+        values = [values]
+    flat = torch.cat([v.reshape(-1).double() for v in values])
+    flat = flat[torch.isfinite(flat)].clamp_min(0.0)
+    total = float(flat.sum())
+    if gamma == 0.0 or total <= 0.0 or flat.numel() == 0:
+        return math.inf
+    s, _ = torch.sort(flat, descending=True)
+    cum = torch.cumsum(s, 0)
+    k = int(torch.searchsorted(cum, torch.tensor(gamma * total, dtype=cum.dtype)).item())
+    return float(s[min(k, s.numel() - 1)])
+
+
+def ekfac_masks(eks: Mapping[str, EKFACEigen], gamma: float, scope: str = "layer") -> dict[str, torch.Tensor]:
+    """Bool keep-masks (d_out, d_in): True where the corrected eigenvalue is below the γ-energy cutoff
+    (scope "layer": per layer; "global": one cutoff over all layers). Sink columns are never kept."""
+    if scope not in ("layer", "global"):
+        raise ValueError(f"unknown threshold scope {scope!r}; expected 'layer' or 'global'")
+
+    def keep(e: EKFACEigen, cut: float) -> torch.Tensor:
+        k = e.lam < cut
+        k[:, : e.n_sink] = False
+        return k
+
+    if scope == "global":
+        cut = energy_cutoff_values([e.lam for e in eks.values()], gamma)
+        return {n: keep(e, cut) for n, e in eks.items()}
+    return {n: keep(e, energy_cutoff_values(e.lam, gamma)) for n, e in eks.items()}
+
+
+def ekfac_projectors(eks: Mapping[str, EKFACEigen], gamma: float, scope: str = "layer",
+                     dtype: torch.dtype = torch.float32) -> dict[str, KroneckerProjector]:
+    masks = ekfac_masks(eks, gamma, scope)
+    return {n: KroneckerProjector(e.U_S, e.U_A, masks[n], dtype=dtype) for n, e in eks.items()}

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Reproduces the README's results section on the embedded SmolLM2-135M-Instruct (CPU, ~1 h on 2 cores).
+# Usage: bash scripts/results_counterfact.sh [RUNS_DIR] [CHAIN]   (CHAIN: a, b or all)
+set -euo pipefail
+RUNS=${1:-runs}; CHAIN=${2:-all}
+CF=../shared/data/counterfact/counterfact-edit.json
+ZSRE=../shared/data/zsre/zsre_mend_800.json
+M=smollm2-135m-instruct
+CE=${CRISPEDIT:-.venv/bin/crispedit}
+mkdir -p "$RUNS"
+[ -f "$RUNS/cache/curvature.json" ] || $CE curvature --model $M --samples 128 --max-length 256 --out "$RUNS/cache"
+EVAL="--edits $CF --limit 100 --contexts raw,qa --benchmarks none --heldout-samples 32 --max-length 256"
+one() {  # name method gamma lr
+  [ -f "$RUNS/$1.json" ] && return 0
+  $CE edit --model $M --edits $CF --limit 100 --curvature "$RUNS/cache" --method $2 --gamma $3 --lr $4 \
+      --no-save-model --out "$RUNS/$1" --force
+  $CE eval --model $M --base $M --delta "$RUNS/$1/delta" $EVAL --label "$1" --out "$RUNS/$1.json"
+}
+if [ "$CHAIN" = a ] || [ "$CHAIN" = all ]; then
+  one ft-lr1e-3 ft 0.9 1e-3
+  one crispedit-g0.9 crispedit 0.9 5e-3
+  one crispedit-g0.99 crispedit 0.99 5e-3
+fi
+if [ "$CHAIN" = b ] || [ "$CHAIN" = all ]; then
+  [ -f "$RUNS/base-counterfact.json" ] || $CE eval --model $M $EVAL --benchmarks mmlu,arc --benchmark-limit 200 \
+      --label base --out "$RUNS/base-counterfact.json"
+  [ -f "$RUNS/base-zsre.json" ] || $CE eval --model $M --edits $ZSRE --skip-invalid --limit 100 --contexts raw,qa \
+      --benchmarks none --heldout-samples 0 --label base-zsre --out "$RUNS/base-zsre.json"
+  one adam-nscl-g0.9 adam-nscl 0.9 5e-3
+  one crispedit-g0.5 crispedit 0.5 5e-3
+  one ft-lr5e-3 ft 0.9 5e-3
+fi
+$CE compare "$RUNS"/*.json --plot "$RUNS/tradeoff.png" --out "$RUNS/compare.md" || true
