@@ -141,6 +141,25 @@ def test_ekfac_with_positions_matches_per_example_weight_gradients():
         torch.testing.assert_close(res[k].lam, want[k] / int(valid.sum()), rtol=1e-9, atol=1e-14)
 
 
+def test_ekfac_sampled_labels_match_exact_in_expectation():
+    """Labels drawn from the model's predictive distribution give the exact EK-FAC eigenvalues in
+    expectation (E_ŷ[∇ℓ_ŷ ∇ℓ_ŷᵀ] = diag(p) − ppᵀ); with many Monte-Carlo samples they agree closely."""
+    head = tiny_head(11)
+    x, y = tiny_data(3, seed=12)
+    exact = compute_basis("ekfac", head, x, y).eks
+    eigs = {k: eigendecompose(s) for k, s in kfac_stats(head, x, y).items()}
+    modules = {"fc2": head.fc2, "fc3": head.fc3}
+    acc = EKFACAccumulator(eigs)
+    for p in head.parameters():
+        p.requires_grad_(False)
+    with torch.enable_grad():
+        acc.accumulate_batch(modules, lambda: head(x), y, torch.ones(3, dtype=torch.bool),
+                             CollectConfig(labels="sampled", mc_samples=3000), torch.Generator().manual_seed(0))
+    for k, e in acc.result().items():
+        err = (e.lam - exact[k].lam).abs().max() / exact[k].lam.max()
+        assert err < 0.03, (k, float(err))  # empirical labels would be off by ~50 %
+
+
 def test_ekfac_masks_follow_the_kfac_energy_rule_and_give_exact_projectors():
     """Masks from values equal build_masks when the values are K-FAC's products (same cutoff rule); a
     non-staircase EK-FAC mask still gives the exact orthogonal projector."""

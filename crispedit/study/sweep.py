@@ -213,9 +213,9 @@ def run_study(out_dir: str | os.PathLike, quick: bool = False, progress: bool = 
         rec = finetune(head, method, gamma, bases.get(method), feats, cfg.finetune, threads)
         points.append({"method": method, "gamma": gamma, "k": k, **rec})
         ft_timing[method] = ft_timing.get(method, 0.0) + rec["seconds"]
-        tqdm.write(f"{method:>22} k={k!s:>4} mnist {rec['mnist_acc']:.4f} fashion {rec['fashion_acc']:.4f} "
-                   f"kept {rec['kept_fraction']:.3f} recomputes {rec['recomputes']} ({rec['seconds']:.1f}s)") \
-            if progress else None
+        if progress:
+            tqdm.write(f"{method:>22} k={k!s:>4} mnist {rec['mnist_acc']:.4f} fashion {rec['fashion_acc']:.4f} "
+                       f"kept {rec['kept_fraction']:.3f} recomputes {rec['recomputes']} ({rec['seconds']:.1f}s)")
     d = sum(p.numel() for p in tuned_params(head))
     result = {
         "points": points,
