@@ -219,7 +219,7 @@ def summarize(stats: KFACStats, eigen: dict[str, LayerEigen]) -> dict[str, Any]:
         if s.A_sink is not None and s.n_sink > 0:
             from crispedit.curvature.eigen import sym_eigh
 
-            lam_full, _, _ = sym_eigh((s.A + s.A_sink) / (s.n + s.n_sink))
+            lam_full, _, _ = sym_eigh(s.full_input_factor())
             row["A_top1_energy_if_sink_kept"] = top_energy_fraction(lam_full, 1)
             a_norm = float(torch.sqrt(torch.trace(s.A) / max(s.n, 1)))
             sink_norm = float(torch.sqrt(torch.trace(s.A_sink) / s.n_sink))

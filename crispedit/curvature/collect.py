@@ -46,7 +46,7 @@ class CollectConfig:
             raise ValueError("mc_samples must be >= 1")
 
 
-class _Capture:
+class Capture:
     """Forward hooks that record each target's input and make its output differentiable."""
 
     def __init__(self, modules: dict[str, nn.Module]):
@@ -68,7 +68,7 @@ class _Capture:
 
         return hook
 
-    def __enter__(self) -> "_Capture":
+    def __enter__(self) -> "Capture":
         for name, mod in self.modules.items():
             self._handles.append(mod.register_forward_hook(self._hook(name)))
         return self
@@ -95,7 +95,7 @@ def frozen_parameters(model: nn.Module) -> Iterator[None]:
             p.requires_grad_(f)
 
 
-def _sqrt_hessian_columns(logits: torch.Tensor) -> Iterator[torch.Tensor]:
+def sqrt_hessian_columns(logits: torch.Tensor) -> Iterator[torch.Tensor]:
     """Columns of B with B Bᵀ = diag(p) − p pᵀ (softmax cross-entropy Hessian): √p_c (e_c − p)."""
     p = torch.softmax(logits.detach().double(), dim=-1)
     sq = p.sqrt()
@@ -122,7 +122,7 @@ def accumulate_batch(
     valid:     (*positions) bool, positions whose inputs/gradients count (padding excluded).
     sink:      optional (*positions) bool, positions summed apart into A_sink (excluded from A, S).
     """
-    with _Capture(modules) as cap:
+    with Capture(modules) as cap:
         logits = forward()
         loss_pos = targets != -100
         out_logits = logits[loss_pos]
@@ -148,7 +148,7 @@ def accumulate_batch(
                 groups = [loss_pos] if logits.dim() == 2 else [
                     loss_pos & (torch.arange(loss_pos.shape[-1], device=loss_pos.device) == t)
                     for t in range(loss_pos.shape[-1]) if bool(loss_pos[..., t].any())]
-                jobs = [(sel, col) for sel in groups for col in _sqrt_hessian_columns(logits[sel])]
+                jobs = [(sel, col) for sel in groups for col in sqrt_hessian_columns(logits[sel])]
                 for i, (sel, col) in enumerate(jobs):
                     gs = torch.autograd.grad((logits[sel] * col).sum(), n_out, retain_graph=i < len(jobs) - 1,
                                              allow_unused=True)

@@ -29,7 +29,7 @@ import math
 import torch
 from torch import nn
 
-from crispedit.curvature.collect import CollectConfig, _Capture, _sqrt_hessian_columns
+from crispedit.curvature.collect import CollectConfig, Capture, sqrt_hessian_columns
 from crispedit.curvature.eigen import LayerEigen
 from crispedit.curvature.projector import KroneckerProjector
 
@@ -81,7 +81,7 @@ class EKFACAccumulator:
         gradients at invalid positions do not count)."""
         if list(modules) != list(self.eigs):
             raise ValueError(f"modules {list(modules)} do not match the eigenbases {list(self.eigs)}")
-        with _Capture(modules) as cap:
+        with Capture(modules) as cap:
             logits = forward()
             loss_pos = targets != -100
             outs = [cap.outputs[k] for k in modules]
@@ -94,7 +94,7 @@ class EKFACAccumulator:
             if bool(loss_pos.any()):
                 if cfg.labels == "exact":
                     out_logits = logits[loss_pos]
-                    cols = list(_sqrt_hessian_columns(out_logits))
+                    cols = list(sqrt_hessian_columns(out_logits))
                     for i, col in enumerate(cols):
                         gs = torch.autograd.grad((out_logits * col).sum(), outs, retain_graph=i < len(cols) - 1,
                                                  allow_unused=True)

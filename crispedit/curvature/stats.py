@@ -50,6 +50,12 @@ class LayerStats:
             raise ValueError("no tokens were accumulated")
         return self.A / self.n, self.S / self.n
 
+    def full_input_factor(self) -> torch.Tensor:
+        """A over all valid positions, sink positions included (the curvature the model actually has)."""
+        if self.A_sink is None or self.n_sink == 0:
+            return self.factors()[0]
+        return (self.A + self.A_sink) / (self.n + self.n_sink)
+
     def sink_factor(self) -> torch.Tensor | None:
         if self.A_sink is None or self.n_sink == 0:
             return None

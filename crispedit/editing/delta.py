@@ -20,17 +20,12 @@ from torch import nn
 from crispedit import __version__
 from crispedit.errors import CrispEditError
 from crispedit.io import atomic_dir
+from crispedit.models.targets import target_weight
 
 DELTA_FORMAT = "crispedit-delta"
 DELTA_VERSION = 1
 TENSORS = "delta.safetensors"
 RECORD = "delta.json"
-
-
-def _W(model: nn.Module, name: str) -> torch.Tensor:
-    from crispedit.models.targets import weight_matrix
-
-    return weight_matrix(model.get_submodule(name))
 
 
 def materialize(base: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -63,7 +58,7 @@ class EditDelta:
         fixups = {}
         with torch.no_grad():
             for n in targets:
-                W = _W(model, n)
+                W = target_weight(model, n)
                 W.copy_(materialize(base[n], deltas[n]))
                 back = (W.float() - deltas[n].to(W.device)).to(W.dtype)
                 bad = (back != base[n]).flatten().nonzero().flatten()
@@ -90,14 +85,14 @@ class EditDelta:
         self._check(model, "base_weights_sha256", "base", force)
         with torch.no_grad():
             for n, d in self.deltas.items():
-                W = _W(model, n)
+                W = target_weight(model, n)
                 W.copy_(materialize(W, d))
 
     def revert(self, model: nn.Module, force: bool = False) -> None:
         self._check(model, "edited_weights_sha256", "edited weights", force)
         with torch.no_grad():
             for n, d in self.deltas.items():
-                W = _W(model, n)
+                W = target_weight(model, n)
                 back = (W.float() - d.to(W.device)).to(W.dtype)
                 idx, val = self.fixups[n]
                 flat = back.flatten()

@@ -19,6 +19,7 @@ from crispedit.editing.config import EditConfig
 from crispedit.editing.delta import EditDelta, materialize
 from crispedit.editing.optim import ProjectedAdam
 from crispedit.errors import CrispEditError, DivergenceError
+from crispedit.models.targets import weight_matrix
 
 PROJECTION_FOR_METHOD = {"crispedit": "kfac", "adam-nscl": "nscl", "ft": None}
 
@@ -68,7 +69,7 @@ def edit(model: nn.Module, tokenizer, requests: Sequence[EditRequest], targets: 
     if curvature is not None and list(curvature.targets) != targets:
         raise CrispEditError(f"the curvature cache covers {curvature.targets}, but the edit targets are {targets}")
     modules = {n: model.get_submodule(n) for n in targets}
-    base = {n: _W_of(m).clone() for n, m in modules.items()}
+    base = {n: weight_matrix(m).clone() for n, m in modules.items()}
     base_fp = weights_fingerprint(model, targets)
     deltas = {n: torch.zeros(b.shape, dtype=torch.float32, device=device) for n, b in base.items()}
     opt = ProjectedAdam({n: tuple(b.shape) for n, b in base.items()}, projectors, lr=cfg.lr,
@@ -115,7 +116,7 @@ def edit(model: nn.Module, tokenizer, requests: Sequence[EditRequest], targets: 
                         if not torch.isfinite(u).all():
                             raise DivergenceError(f"step {step}: the update of {n} is not finite")
                         deltas[n] -= u
-                        _W_of(modules[n]).copy_(materialize(base[n], deltas[n]))
+                        weight_matrix(modules[n]).copy_(materialize(base[n], deltas[n]))
                 lv = float(loss.detach())
                 step_seconds.append(time.perf_counter() - ts)
                 step_losses.append(lv)
@@ -138,7 +139,7 @@ def edit(model: nn.Module, tokenizer, requests: Sequence[EditRequest], targets: 
     except BaseException:
         with torch.no_grad():
             for n, m in modules.items():
-                _W_of(m).copy_(base[n])
+                weight_matrix(m).copy_(base[n])
         raise
     finally:
         for p, f in flags:
@@ -166,12 +167,6 @@ def edit(model: nn.Module, tokenizer, requests: Sequence[EditRequest], targets: 
                       stopped, seconds, diag)
 
 
-def _W_of(module: nn.Module) -> torch.Tensor:
-    from crispedit.models.targets import weight_matrix
-
-    return weight_matrix(module)
-
-
 def diagnostics(deltas: Mapping[str, torch.Tensor], curvature, cfg: EditConfig) -> dict[str, Any]:
     """How far the edit moved and how much of it is in high-curvature directions, per target:
     ‖ΔW‖, the share of ‖ΔW‖² outside the kept subspace (at the run's γ/scope), and the predicted capability
@@ -186,11 +181,8 @@ def diagnostics(deltas: Mapping[str, torch.Tensor], curvature, cfg: EditConfig) 
         if projs is not None:
             removed = projs[n].removed_part(d64)
             row["removed_energy_fraction"] = float(removed.norm() ** 2 / max(float(d64.norm() ** 2), 1e-300))
-            A, S = curvature.stats[n].factors()
-            A_full = A
-            if curvature.stats[n].A_sink is not None and curvature.stats[n].n_sink > 0:
-                st = curvature.stats[n]
-                A_full = (st.A + st.A_sink) / (st.n + st.n_sink)
+            _, S = curvature.stats[n].factors()
+            A_full = curvature.stats[n].full_input_factor()
             row["kfac_quadratic_form"] = 0.5 * float(((S.cpu() @ d64 @ A_full.cpu()) * d64).sum())
         out[n] = row
     return out

@@ -29,14 +29,9 @@ from crispedit.editing.delta import EditDelta
 from crispedit.editing.engine import EditResult, edit
 from crispedit.errors import CrispEditError
 from crispedit.io import atomic_dir
+from crispedit.models.targets import target_weight
 
 STATE_FORMAT = "crispedit-sequential-state"
-
-
-def _W(model: nn.Module, name: str) -> torch.Tensor:
-    from crispedit.models.targets import weight_matrix
-
-    return weight_matrix(model.get_submodule(name))
 
 
 class SequentialEditor:
@@ -65,7 +60,7 @@ class SequentialEditor:
                                  "another folder")
         curvature.check_model(model)
         targets = curvature.targets
-        base = {n: _W(model, n).detach().clone().cpu() for n in targets}
+        base = {n: target_weight(model, n).detach().clone().cpu() for n in targets}
         state = {"format": STATE_FORMAT, "format_version": 1, "targets": targets,
                  "base_weights_sha256": weights_fingerprint(model, targets), "config": cfg.to_json(),
                  "chunks": [], "n_edits": 0}
@@ -95,7 +90,7 @@ class SequentialEditor:
         base = {n: w[f"{n}.base"] for n in targets}
         with torch.no_grad():
             for n in targets:
-                W = _W(model, n)
+                W = target_weight(model, n)
                 W.copy_(w[f"{n}.current"].to(device=W.device, dtype=W.dtype))
         return cls(path, curvature, base, state)
 
@@ -108,7 +103,8 @@ class SequentialEditor:
         result = edit(model, tokenizer, requests, self.targets, cfg, curvature=self.curvature, progress=progress,
                       record={"chunk": k})
         seqs = [p.input_ids for p in encode_requests(tokenizer, requests, cfg.context)]
-        ccfg = dataclasses.replace(self.curvature_collect_config(), seed=self.curvature_collect_config().seed + 7919 * (k + 1))
+        base_cfg = self.curvature_collect_config()
+        ccfg = dataclasses.replace(base_cfg, seed=base_cfg.seed + 7919 * (k + 1))
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         chunk_stats = collect_lm_stats(model, seqs, self.targets, ccfg, pad_id=pad, progress=False,
                                        desc="edit statistics")
@@ -135,17 +131,17 @@ class SequentialEditor:
 
     def cumulative_delta(self, model: nn.Module) -> EditDelta:
         """ΔW of all chunks so far relative to the base, as a delta that applies to the base model."""
-        deltas = {n: _W(model, n).float().cpu() - self.base[n].float() for n in self.targets}
+        deltas = {n: target_weight(model, n).float().cpu() - self.base[n].float() for n in self.targets}
         rec = {"base_weights_sha256": self.state["base_weights_sha256"], "sequential": True,
                "chunks": self.state["chunks"], "config": self.state["config"], "n_requests": self.state["n_edits"]}
-        base = {n: self.base[n].to(device=_W(model, n).device, dtype=_W(model, n).dtype) for n in self.targets}
-        return EditDelta.from_base(model, base, {n: d.to(_W(model, n).device) for n, d in deltas.items()}, rec)
+        base = {n: self.base[n].to(device=target_weight(model, n).device, dtype=target_weight(model, n).dtype) for n in self.targets}
+        return EditDelta.from_base(model, base, {n: d.to(target_weight(model, n).device) for n, d in deltas.items()}, rec)
 
     def _save(self, model: nn.Module) -> None:
         tensors = {}
         for n in self.targets:
             tensors[f"{n}.base"] = self.base[n].contiguous()
-            tensors[f"{n}.current"] = _W(model, n).detach().cpu().contiguous()
+            tensors[f"{n}.current"] = target_weight(model, n).detach().cpu().contiguous()
         with atomic_dir(self.path, overwrite=True) as tmp:
             self.curvature.save(tmp / "curvature")
             save_file(tensors, str(tmp / "weights.safetensors"))

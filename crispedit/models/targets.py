@@ -97,6 +97,11 @@ def weight_matrix(module: nn.Module) -> torch.Tensor:
     return w.T if isinstance(module, Conv1D) else w
 
 
+def target_weight(model: nn.Module, name: str) -> torch.Tensor:
+    """`weight_matrix` of the layer at module path `name`."""
+    return weight_matrix(model.get_submodule(name))
+
+
 def set_weight_matrix(module: nn.Module, W: torch.Tensor) -> None:
     """Copy `W [d_out, d_in]` into the layer's weight (any layout, dtype or device conversion is done here)."""
     target = weight_matrix(module)
