@@ -9,10 +9,10 @@ M=smollm2-135m-instruct
 CE=${CRISPEDIT:-.venv/bin/crispedit}
 mkdir -p "$RUNS"
 [ -f "$RUNS/cache/curvature.json" ] || $CE curvature --model $M --samples 128 --max-length 256 --out "$RUNS/cache"
-EVAL="--edits $CF --limit 100 --contexts raw,qa --benchmarks none --heldout-samples 32 --max-length 256"
+EVAL="--edits $CF --limit 100 --contexts raw,qa --benchmarks mmlu,arc --benchmark-limit 200 --heldout-samples 32 --max-length 256"
 one() {  # name method gamma lr
   [ -f "$RUNS/$1.json" ] && return 0
-  $CE edit --model $M --edits $CF --limit 100 --curvature "$RUNS/cache" --method $2 --gamma $3 --lr $4 \
+  [ -f "$RUNS/$1/delta/delta.json" ] || $CE edit --model $M --edits $CF --limit 100 --curvature "$RUNS/cache" --method $2 --gamma $3 --lr $4 \
       --no-save-model --out "$RUNS/$1" --force
   $CE eval --model $M --base $M --delta "$RUNS/$1/delta" $EVAL --label "$1" --out "$RUNS/$1.json"
 }
@@ -22,8 +22,7 @@ if [ "$CHAIN" = a ] || [ "$CHAIN" = all ]; then
   one crispedit-g0.99 crispedit 0.99 5e-3
 fi
 if [ "$CHAIN" = b ] || [ "$CHAIN" = all ]; then
-  [ -f "$RUNS/base-counterfact.json" ] || $CE eval --model $M $EVAL --benchmarks mmlu,arc --benchmark-limit 200 \
-      --label base --out "$RUNS/base-counterfact.json"
+  [ -f "$RUNS/base-counterfact.json" ] || $CE eval --model $M $EVAL --label base --out "$RUNS/base-counterfact.json"
   [ -f "$RUNS/base-zsre.json" ] || $CE eval --model $M --edits $ZSRE --skip-invalid --limit 100 --contexts raw,qa \
       --benchmarks none --heldout-samples 0 --label base-zsre --out "$RUNS/base-zsre.json"
   one adam-nscl-g0.9 adam-nscl 0.9 5e-3

@@ -24,7 +24,7 @@ def layer_from_factors(A, S, n=1):
 
 
 @pytest.mark.parametrize("gamma", [0.3, 0.9, 0.999])
-@pytest.mark.parametrize("form", ["dense", "block"])
+@pytest.mark.parametrize("form", ["dense", "block", "staircase"])
 def test_matrix_free_equals_explicit_projector(gamma, form):
     g = torch.Generator().manual_seed(0)
     A, S = random_psd(7, gen=g), random_psd(5, gen=g)
@@ -39,6 +39,52 @@ def test_matrix_free_equals_explicit_projector(gamma, form):
         assert torch.allclose(proj(Q), expected, atol=1e-10)
     # Projecting twice changes nothing.
     assert torch.allclose(proj(proj(Q)), proj(Q), atol=1e-10)
+
+
+def _masks_for_rotation_tests(g):
+    """A real staircase (with sink columns), a random non-monotone mask, an all-kept and an all-removed one."""
+    d_out, d_in = 37, 45
+    A, S = random_psd(d_in, 0.9, g), random_psd(d_out, 0.9, g)
+    e = eigendecompose(layer_from_factors(A, S))
+    stair = keep_mask(e, energy_cutoff([e], 0.9))
+    stair[:, :2] = False  # two sink columns, removed for every row
+    return e, {
+        "staircase": stair,
+        "random": torch.rand(d_out, d_in, generator=g) < 0.4,
+        "all": torch.ones(d_out, d_in, dtype=torch.bool),
+        "none": torch.zeros(d_out, d_in, dtype=torch.bool),
+    }
+
+
+def test_masked_rotations_equal_full_rotations_times_mask():
+    g = torch.Generator().manual_seed(11)
+    e, masks = _masks_for_rotation_tests(g)
+    for name, keep in masks.items():
+        for form in ("dense", "block", "staircase"):
+            proj = KroneckerProjector(e.U_S, e.U_A, keep, dtype=torch.float64, form=form)
+            M = keep.double()
+            Q = torch.randn(*keep.shape, dtype=torch.float64, generator=g)
+            X = torch.randn(*keep.shape, dtype=torch.float64, generator=g)
+            assert torch.allclose(proj.rotate_masked(Q), (e.U_S.T @ Q @ e.U_A) * M, atol=1e-12), (name, form)
+            assert torch.allclose(proj.unrotate_masked(X), e.U_S @ (X * M) @ e.U_A.T, atol=1e-12), (name, form)
+            P = explicit_projector(e.U_S, e.U_A, keep)
+            assert torch.allclose(proj(Q), (P @ Q.flatten()).reshape(keep.shape), atol=1e-10), (name, form)
+    # The grouping pays off on a staircase: fewer rotated entries than the full d_out × d_in.
+    proj = KroneckerProjector(e.U_S, e.U_A, masks["staircase"], dtype=torch.float64)
+    covered = sum((b - a) * (hi - lo) for a, b, lo, hi in proj.groups)
+    assert int(masks["staircase"].sum()) <= covered < masks["staircase"].numel()
+
+
+def test_nscl_masked_rotations():
+    g = torch.Generator().manual_seed(12)
+    U_A, _ = torch.linalg.qr(torch.randn(9, 9, dtype=torch.float64, generator=g))
+    keep = torch.tensor([False, True, False, True, True, False, True, True, True])
+    proj = InputNullspaceProjector(U_A, keep, dtype=torch.float64)
+    Q = torch.randn(4, 9, dtype=torch.float64, generator=g)
+    M = keep.double()[None, :]
+    assert torch.allclose(proj.rotate_masked(Q), (Q @ U_A) * M, atol=1e-12)
+    assert torch.allclose(proj.unrotate_masked(Q), (Q * M) @ U_A.T, atol=1e-12)
+    assert torch.allclose(proj.unrotate_masked(proj.rotate_masked(Q)), proj(Q), atol=1e-12)
 
 
 def test_projected_quadratic_form_bounded_by_kept_energy():

@@ -55,8 +55,7 @@ class ProjectedAdam:
             if P is None:
                 out[name] = self._adam(name, g)
             elif self.mode == "eigen":
-                u = self._adam(name, P.rotate(g) * P.M)
-                out[name] = P.unrotate(u * P.M)
+                out[name] = P.unrotate_masked(self._adam(name, P.rotate_masked(g)))
             elif self.mode == "update":
                 out[name] = P(self._adam(name, g))
             else:
