@@ -29,4 +29,7 @@ if [ "$CHAIN" = b ] || [ "$CHAIN" = all ]; then
   one crispedit-g0.5 crispedit 0.5 5e-3
   one ft-lr5e-3 ft 0.9 5e-3
 fi
-$CE compare "$RUNS"/*.json --plot "$RUNS/tradeoff.png" --out "$RUNS/compare.md" || true
+REPORTS=$(ls "$RUNS"/*.json | grep -v zsre)
+# shellcheck disable=SC2086
+$CE compare $REPORTS --plot "$RUNS/tradeoff.png" --out "$RUNS/compare.md" || true
+${PYTHON:-.venv/bin/python} scripts/results_table.py "$RUNS" > "$RUNS/results.md"

@@ -163,6 +163,8 @@ def test_plots_are_written(tmp_path):
     reps.append(_fake_report("ft", None, 1.0, 30.0, 0.5))
     out = plot_tradeoff(reps, tmp_path / "plots" / "tradeoff.png")
     assert out.read_bytes()[:8] == PNG_MAGIC
+    out = plot_tradeoff(reps, tmp_path / "grid.png", y_key=("reliability", "locality"))
+    assert out.read_bytes()[:8] == PNG_MAGIC
     out = plot_loss_curves({"crispedit": [2.0, 1.0, 0.5], "ft": [2.0, 0.3, 0.01]}, tmp_path / "loss.png")
     assert out.read_bytes()[:8] == PNG_MAGIC
     curves = [[float(torch.rand(1)) + 1 / (t + 1) for t in range(10)] for _ in range(12)]

@@ -94,6 +94,8 @@ def run_eval(args: argparse.Namespace) -> int:
 def add_compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("reports", nargs="+", metavar="REPORT.json")
     p.add_argument("--plot", metavar="PNG", help="also draw edit success against capability change")
+    p.add_argument("--plot-y", default="reliability,locality", metavar="KEYS",
+                   help="summary metrics on the plot's y axes, one row of panels each (comma list)")
     p.add_argument("--out", metavar="MD", help="write the table to this Markdown file")
 
 
@@ -108,7 +110,7 @@ def run_compare(args: argparse.Namespace) -> int:
         with atomic_path(args.out) as tmp:
             tmp.write_text(table + "\n")
     if args.plot:
-        plot_tradeoff(args.reports, args.plot)
+        plot_tradeoff(args.reports, args.plot, y_key=_split(args.plot_y) or ("reliability",))
         echo(f"plot → {args.plot}")
     return 0
 

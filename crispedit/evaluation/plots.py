@@ -29,39 +29,42 @@ def _save(fig, out_png: str | os.PathLike) -> Path:
 
 
 def plot_tradeoff(reports: Sequence[EvalReport | str | os.PathLike], out_png: str | os.PathLike,
-                  y_key: str = "reliability", x_keys: Sequence[str] = ("perplexity_increase_pct", "kl_nats_per_token"),
+                  y_key: str | Sequence[str] = "reliability",
+                  x_keys: Sequence[str] = ("perplexity_increase_pct", "kl_nats_per_token"),
                   labels: Sequence[str] | None = None, title: str | None = None) -> Path:
-    """One panel per capability-change metric in `x_keys`, `y_key` on the y axis, one labelled point per run.
+    """One panel per (edit metric in `y_key`, capability-change metric in `x_keys`), one labelled point per run.
 
     Runs of the same method share a colour and are joined in γ order (a sweep reads as a curve).
     Runs lacking a metric are left out of that panel (not plotted at zero).
     """
+    y_keys = [y_key] if isinstance(y_key, str) else list(y_key)
     reps = [_as_report(r) for r in reports]
     names = list(labels) if labels is not None else [r.label for r in reps]
     groups: dict[str, list[int]] = {}
     for i, r in enumerate(reps):
         groups.setdefault(str(r.config.get("method") or names[i]), []).append(i)
-    fig = _figure((5.2 * len(x_keys), 4.2))
-    axes = fig.subplots(1, len(x_keys), squeeze=False)
-    for ax, xk in zip(axes[0], x_keys):
-        for gi, (method, idx) in enumerate(groups.items()):
-            pts = [(reps[i].config.get("gamma"), reps[i].summary.get(xk), reps[i].summary.get(y_key), names[i])
-                   for i in idx]
-            pts = [p for p in pts if p[1] is not None and p[2] is not None]
-            if not pts:
-                continue
-            if all(isinstance(p[0], (int, float)) for p in pts):
-                pts.sort(key=lambda p: p[0])
-            color = f"C{gi % 10}"
-            ax.plot([p[1] for p in pts], [p[2] for p in pts], marker="o", ms=6, lw=1 if len(pts) > 1 else 0,
-                    color=color, label=method)
-            for _, x, y, name in pts:
-                ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
-        ax.set_xlabel(xk.replace("_", " "))
-        ax.set_ylabel(y_key.replace("_", " "))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="best")
-    fig.suptitle(title or f"{y_key} vs capability change")
+    fig = _figure((5.2 * len(x_keys), 4.2 * len(y_keys)))
+    axes = fig.subplots(len(y_keys), len(x_keys), squeeze=False)
+    for row, yk in zip(axes, y_keys):
+        for ax, xk in zip(row, x_keys):
+            for gi, (method, idx) in enumerate(groups.items()):
+                pts = [(reps[i].config.get("gamma"), reps[i].summary.get(xk), reps[i].summary.get(yk), names[i])
+                       for i in idx]
+                pts = [p for p in pts if p[1] is not None and p[2] is not None]
+                if not pts:
+                    continue
+                if all(isinstance(p[0], (int, float)) for p in pts):
+                    pts.sort(key=lambda p: p[0])
+                color = f"C{gi % 10}"
+                ax.plot([p[1] for p in pts], [p[2] for p in pts], marker="o", ms=6, lw=1 if len(pts) > 1 else 0,
+                        color=color, label=method)
+                for _, x, y, name in pts:
+                    ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
+            ax.set_xlabel(xk.replace("_", " "))
+            ax.set_ylabel(yk.replace("_", " "))
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8, loc="best")
+    fig.suptitle(title or f"{' and '.join(y_keys)} vs capability change")
     return _save(fig, out_png)
 
 
