@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduces the README's results section on the embedded SmolLM2-135M-Instruct (CPU, ~1 h on 2 cores).
-# Usage: bash scripts/results_counterfact.sh [RUNS_DIR] [CHAIN]   (CHAIN: a, b or all)
+# Usage: bash scripts/results_counterfact.sh [RUNS_DIR] [CHAIN]   (CHAIN: a, b, c or all; chains may run in parallel)
 set -euo pipefail
 RUNS=${1:-runs}; CHAIN=${2:-all}
 CF=../shared/data/counterfact/counterfact-edit.json
@@ -28,6 +28,13 @@ if [ "$CHAIN" = b ] || [ "$CHAIN" = all ]; then
   one adam-nscl-g0.9 adam-nscl 0.9 5e-3
   one crispedit-g0.5 crispedit 0.5 5e-3
   one ft-lr5e-3 ft 0.9 5e-3
+fi
+if [ "$CHAIN" = c ] || [ "$CHAIN" = all ]; then
+  mkdir -p "$RUNS/extras"  # the base model's remaining capability metrics (not part of the comparison)
+  [ -f "$RUNS/extras/base-benchmarks.json" ] || $CE eval --model $M --benchmarks truthfulqa --benchmark-limit 200 \
+      --gsm8k --heldout-samples 0 --label base-benchmarks --out "$RUNS/extras/base-benchmarks.json"
+  one crispedit-g0.99-lr2e-2 crispedit 0.99 2e-2
+  one crispedit-g0.7 crispedit 0.7 5e-3
 fi
 REPORTS=$(ls "$RUNS"/*.json | grep -v zsre)
 # shellcheck disable=SC2086

@@ -3,6 +3,8 @@ runs (methods, γ values), and per-edit / per-step loss curves. Matplotlib's Agg
 
 from __future__ import annotations
 
+import math
+
 import os
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -26,6 +28,14 @@ def _save(fig, out_png: str | os.PathLike) -> Path:
     with atomic_path(out_png) as tmp:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
     return out_png
+
+
+def _spread_x(ax, xs: Sequence[float]) -> None:
+    """Symmetric-log x axis when the values span more than two decades (one damaging run would otherwise
+    squeeze every careful one against zero)."""
+    pos = [abs(x) for x in xs if x != 0]
+    if len(pos) >= 2 and max(pos) > 100 * min(pos):
+        ax.set_xscale("symlog", linthresh=10 ** math.floor(math.log10(min(pos))))
 
 
 def plot_tradeoff(reports: Sequence[EvalReport | str | os.PathLike], out_png: str | os.PathLike,
@@ -60,6 +70,7 @@ def plot_tradeoff(reports: Sequence[EvalReport | str | os.PathLike], out_png: st
                         color=color, label=method)
                 for _, x, y, name in pts:
                     ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
+            _spread_x(ax, [float(r.summary[xk]) for r in reps if isinstance(r.summary.get(xk), (int, float))])
             ax.set_xlabel(xk.replace("_", " "))
             ax.set_ylabel(yk.replace("_", " "))
             ax.grid(alpha=0.3)
