@@ -39,4 +39,4 @@ fi
 REPORTS=$(ls "$RUNS"/*.json | grep -v zsre)
 # shellcheck disable=SC2086
 $CE compare $REPORTS --plot "$RUNS/tradeoff.png" --out "$RUNS/compare.md" || true
-${PYTHON:-.venv/bin/python} scripts/results_table.py "$RUNS" > "$RUNS/results.md"
+${PYTHON:-.venv/bin/python} scripts/results_table.py "$RUNS" --json "$RUNS/results.json" > "$RUNS/results.md"

@@ -4,7 +4,7 @@ Joins each evaluation report (RUNS/<name>.json) with its edit record (RUNS/<name
 final loss, seconds, K-FAC diagnostics) and prints two tables, edit metrics and capability metrics, one row
 per run, the base model first.
 
-    python scripts/results_table.py runs > runs/results.md
+    python scripts/results_table.py runs [--json runs/results.json] > runs/results.md
 """
 
 from __future__ import annotations
@@ -110,8 +110,28 @@ def base_table(folder: Path) -> str:
     return "\n".join(out)
 
 
+def summaries(folder: Path) -> dict:
+    """What the tables show, as JSON: per run its summary, edit configuration and record (no per-step data)."""
+    out = {}
+    for r in load_runs(folder):
+        rec = r["record"]
+        out[r["name"]] = {
+            "summary": r["summary"],
+            "eval_wall_time_s": r["wall"],
+            "edit": None if rec is None else {k: rec[k] for k in ("config", "steps", "epochs", "stopped", "seconds",
+                                                                    "diagnostics", "n_requests") if k in rec}
+            | {"final_epoch_loss": rec["epoch_losses"][-1] if rec.get("epoch_losses") else None},
+        }
+    return out
+
+
 def main() -> None:
-    folder = Path(sys.argv[1] if len(sys.argv) > 1 else "runs")
+    args = sys.argv[1:]
+    if "--json" in args:
+        i = args.index("--json")
+        Path(args[i + 1]).write_text(json.dumps(summaries(Path(args[0] if i else "runs")), indent=1) + "\n")
+        del args[i : i + 2]
+    folder = Path(args[0] if args else "runs")
     print("Base model (TF = teacher-forced all-tokens-correct, tok = token accuracy, NLL = mean target NLL in "
           "nats; generated: exact / prefix / contains match; locality answers = the dataset's answers):\n")
     print(base_table(folder) + "\n")
