@@ -36,7 +36,7 @@ if [ "$CHAIN" = c ] || [ "$CHAIN" = all ]; then
   one crispedit-g0.99-lr2e-2 crispedit 0.99 2e-2
   one crispedit-g0.7 crispedit 0.7 5e-3
 fi
-REPORTS=$(ls "$RUNS"/*.json | grep -v zsre)
+REPORTS=$(ls "$RUNS"/*.json | grep -v -e zsre -e /results.json)
 # shellcheck disable=SC2086
 $CE compare $REPORTS --plot "$RUNS/tradeoff.png" --out "$RUNS/compare.md" || true
 ${PYTHON:-.venv/bin/python} scripts/results_table.py "$RUNS" --json "$RUNS/results.json" > "$RUNS/results.md"
