@@ -10,10 +10,11 @@ CE=${CRISPEDIT:-.venv/bin/crispedit}
 mkdir -p "$RUNS"
 [ -f "$RUNS/cache/curvature.json" ] || $CE curvature --model $M --samples 128 --max-length 256 --out "$RUNS/cache"
 EVAL="--edits $CF --limit 100 --contexts raw,qa --benchmarks mmlu,arc --benchmark-limit 200 --heldout-samples 32 --max-length 256"
-one() {  # name method gamma lr
+one() {  # name method gamma lr [extra edit options]
   [ -f "$RUNS/$1.json" ] && return 0
+  # shellcheck disable=SC2086
   [ -f "$RUNS/$1/delta/delta.json" ] || $CE edit --model $M --edits $CF --limit 100 --curvature "$RUNS/cache" --method $2 --gamma $3 --lr $4 \
-      --no-save-model --out "$RUNS/$1" --force
+      ${5:-} --no-save-model --out "$RUNS/$1" --force
   $CE eval --model $M --base $M --delta "$RUNS/$1/delta" $EVAL --label "$1" --out "$RUNS/$1.json"
 }
 if [ "$CHAIN" = a ] || [ "$CHAIN" = all ]; then
@@ -35,6 +36,7 @@ if [ "$CHAIN" = c ] || [ "$CHAIN" = all ]; then
       --gsm8k --heldout-samples 0 --label base-benchmarks --out "$RUNS/extras/base-benchmarks.json"
   one crispedit-g0.99-lr2e-2 crispedit 0.99 2e-2
   one crispedit-g0.7 crispedit 0.7 5e-3
+  one crispedit-seq-g0.9 crispedit 0.9 5e-3 "--sequential --chunk-size 20 --state $RUNS/crispedit-seq-g0.9.state"
 fi
 REPORTS=$(ls "$RUNS"/*.json | grep -v -e zsre -e /results.json)
 # shellcheck disable=SC2086

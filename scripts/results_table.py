@@ -67,8 +67,12 @@ def describe(row: dict) -> list[str]:
     gamma = "–" if method == "ft" else f"{cfg['gamma']:g}"
     diag = rec.get("diagnostics", {})
     quad = sum(d.get("kfac_quadratic_form", 0.0) for d in diag.values()) if diag else None
-    loss = rec["epoch_losses"][-1] if rec.get("epoch_losses") else None
-    return [METHOD_NAMES.get(method, method), gamma, f"{cfg['lr']:g}", str(rec["steps"]),
+    loss = rec["epoch_losses"][-1] if rec.get("epoch_losses") else rec.get("final_loss")
+    name = METHOD_NAMES.get(method, method)
+    if rec.get("sequential"):
+        chunks = rec.get("chunks") or []
+        name += f"-Seq ({len(chunks)} chunks of {chunks[0]['n_edits'] if chunks else '?'})"
+    return [name, gamma, f"{cfg['lr']:g}", str(rec["steps"]),
             "–" if loss is None else f"{loss:.3f}", "–" if quad is None else f"{quad:.3g}", f"{rec['seconds']:.0f}"]
 
 
@@ -120,7 +124,8 @@ def summaries(folder: Path) -> dict:
             "eval_wall_time_s": r["wall"],
             "edit": None if rec is None else {k: rec[k] for k in ("config", "steps", "epochs", "stopped", "seconds",
                                                                     "diagnostics", "n_requests") if k in rec}
-            | {"final_epoch_loss": rec["epoch_losses"][-1] if rec.get("epoch_losses") else None},
+            | {"final_epoch_loss": rec["epoch_losses"][-1] if rec.get("epoch_losses") else rec.get("final_loss"),
+               "chunks": rec.get("chunks")},
         }
     return out
 

@@ -190,3 +190,25 @@ def test_sequential_resume_equals_uninterrupted_run(setup, tmp_path):
     # A state refuses a model that is not its base.
     with pytest.raises(CrispEditError, match="base weights"):
         SequentialEditor.open(tmp_path / "b", model)
+
+
+def test_run_edit_sequential_writes_cumulative_delta_with_whole_edit_diagnostics(setup, tmp_path):
+    from crispedit.editing.engine import diagnostics
+    from crispedit.editing.run import EditJob, run_edit
+
+    model, tok, cur = setup
+    base = weights(model)
+    cur.save(tmp_path / "cache")
+    cfg = EditConfig(lr=2e-2, epochs=10, batch_size=2, early_stop_loss=0.05, gamma=0.9)
+    job = EditJob(REQUESTS, cfg, curvature_path=str(tmp_path / "cache"), sequential=True, chunk_size=2,
+                  save_model=False)
+    run_edit(model, tok, job, tmp_path / "out", progress=False)
+    delta = EditDelta.load(tmp_path / "out" / "delta")
+    rec = delta.record
+    assert len(rec["chunks"]) == 2 and rec["steps"] == sum(c["steps"] for c in rec["chunks"]) > 0
+    assert rec["final_loss"] == rec["chunks"][-1]["final_loss"] and rec["seconds"] > 0
+    # Diagnostics describe the cumulative edit against the starting capability curvature, not the last chunk.
+    expected = diagnostics(delta.deltas, cur, cfg)
+    for n in TARGETS:
+        assert rec["diagnostics"][n]["kfac_quadratic_form"] == pytest.approx(expected[n]["kfac_quadratic_form"])
+        assert torch.allclose(weights(model)[n], base[n] + delta.deltas[n].to(base[n].dtype), atol=1e-6)

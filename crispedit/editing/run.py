@@ -38,6 +38,7 @@ class EditJob:
 def run_edit(model, tokenizer, job: EditJob, out: str | Path, overwrite: bool = False,
              progress: bool = True) -> dict[str, Any]:
     from crispedit.curvature.api import Curvature
+    from crispedit.editing.engine import diagnostics as edit_diagnostics
     from crispedit.editing.engine import edit
     from crispedit.models.loading import save_model
     from crispedit.models.targets import resolve_targets
@@ -72,13 +73,18 @@ def run_edit(model, tokenizer, job: EditJob, out: str | Path, overwrite: bool = 
         else:
             ed = SequentialEditor.create(state, model, curvature, job.cfg)
         results = []
+        t_seq = time.perf_counter()
         for i in range(0, len(job.requests), job.chunk_size):
             results.append(ed.edit_chunk(model, tokenizer, job.requests[i : i + job.chunk_size], progress=progress))
         delta = ed.cumulative_delta(model)
         chunks_log = ed.state["chunks"]
         step_losses = [v for r in results for v in r.step_losses]
         request_losses = [r.request_losses for r in results]
-        diagnostics = results[-1].diagnostics if results else {}
+        # The whole edit (all chunks so far) against the capability curvature it started from.
+        diagnostics = edit_diagnostics(delta.deltas, curvature, job.cfg)
+        delta.record.update(steps=sum(c["steps"] for c in chunks_log), diagnostics=diagnostics,
+                            seconds=time.perf_counter() - t_seq,
+                            final_loss=chunks_log[-1]["final_loss"] if chunks_log else None)
     else:
         res = edit(model, tokenizer, job.requests, targets, job.cfg, curvature=curvature, progress=progress)
         delta = res.delta
