@@ -37,6 +37,10 @@ if [ "$CHAIN" = c ] || [ "$CHAIN" = all ]; then
   one crispedit-g0.99-lr2e-2 crispedit 0.99 2e-2
   one crispedit-g0.7 crispedit 0.7 5e-3
   one crispedit-seq-g0.9 crispedit 0.9 5e-3 "--sequential --chunk-size 20 --state $RUNS/crispedit-seq-g0.9.state"
+  for w in 16 64; do
+    one crispedit-seq-g0.9-w$w crispedit 0.9 5e-3 \
+        "--sequential --chunk-size 20 --edit-weight $w --state $RUNS/crispedit-seq-g0.9-w$w.state"
+  done
 fi
 REPORTS=$(ls "$RUNS"/*.json | grep -v -e zsre -e /results.json)
 # shellcheck disable=SC2086

@@ -40,6 +40,19 @@ def _fmt(key: str, v) -> str:
     return f"{v:.2f}" if isinstance(v, float) else str(v)
 
 
+def _reliability_by_chunk(rep: dict, rec: dict | None) -> list[float] | None:
+    """Sequential runs: teacher-forced reliability of each chunk's requests, in editing order."""
+    if not rec or not rec.get("sequential") or not rec.get("chunks"):
+        return None
+    per = rep["metrics"]["edit"]["per_request"]
+    out, start = [], 0
+    for c in rec["chunks"]:
+        part = per[start : start + c["n_edits"]]
+        out.append(sum(bool(r["reliability"]["teacher_forced"]["all_correct"]) for r in part) / max(len(part), 1))
+        start += c["n_edits"]
+    return out
+
+
 def load_runs(folder: Path) -> list[dict]:
     rows = []
     for report in sorted(folder.glob("*.json")):
@@ -49,7 +62,8 @@ def load_runs(folder: Path) -> list[dict]:
         delta_json = folder / report.stem / "delta" / "delta.json"
         rec = json.loads(delta_json.read_text()) if delta_json.is_file() else None
         rows.append({"name": report.stem, "summary": rep["summary"], "record": rec,
-                     "wall": rep.get("meta", {}).get("wall_time_s", {})})
+                     "wall": rep.get("meta", {}).get("wall_time_s", {}),
+                     "by_chunk": _reliability_by_chunk(rep, rec)})
     # Base first, then by method and γ.
     order = {"ft": 1, "adam-nscl": 2, "crispedit": 3}
     rows.sort(key=lambda r: (0, r["name"]) if r["record"] is None else
@@ -71,7 +85,8 @@ def describe(row: dict) -> list[str]:
     name = METHOD_NAMES.get(method, method)
     if rec.get("sequential"):
         chunks = rec.get("chunks") or []
-        name += f"-Seq ({len(chunks)} chunks of {chunks[0]['n_edits'] if chunks else '?'})"
+        weight = chunks[0].get("edit_weight", 1) if chunks else 1
+        name += f"-Seq ({len(chunks)}×{chunks[0]['n_edits'] if chunks else '?'}, edit weight {weight})"
     return [name, gamma, f"{cfg['lr']:g}", str(rec["steps"]),
             "–" if loss is None else f"{loss:.3f}", "–" if quad is None else f"{quad:.3g}", f"{rec['seconds']:.0f}"]
 
@@ -122,6 +137,7 @@ def summaries(folder: Path) -> dict:
         out[r["name"]] = {
             "summary": r["summary"],
             "eval_wall_time_s": r["wall"],
+            "reliability_by_chunk": r["by_chunk"],
             "edit": None if rec is None else {k: rec[k] for k in ("config", "steps", "epochs", "stopped", "seconds",
                                                                     "diagnostics", "n_requests") if k in rec}
             | {"final_epoch_loss": rec["epoch_losses"][-1] if rec.get("epoch_losses") else rec.get("final_loss"),
@@ -147,6 +163,15 @@ def main() -> None:
     print("\nCapability (held-out Wikipedia perplexity and KL(base‖edited); 200-question MMLU and ARC-Challenge "
           "samples, log-likelihood accuracy; ½ΔᵀGΔ = predicted capability-loss increase under K-FAC):\n")
     print(table(rows, CAPABILITY_COLUMNS, ["method", "γ", "lr", "½ΔᵀGΔ", "edit s"], [0, 1, 2, 5, 6]))
+    seq = [r for r in rows if r.get("by_chunk")]
+    if seq:
+        print("\nSequential runs: teacher-forced reliability of each chunk's requests at the end (first chunk "
+              "edited first):\n")
+        n = max(len(r["by_chunk"]) for r in seq)
+        print("| run | " + " | ".join(f"chunk {i + 1}" for i in range(n)) + " |")
+        print("|" + "---|" * (n + 1))
+        for r in seq:
+            print(f"| {describe(r)[0]} | " + " | ".join(f"{v:.2f}" for v in r["by_chunk"]) + " |")
 
 
 if __name__ == "__main__":

@@ -212,3 +212,30 @@ def test_run_edit_sequential_writes_cumulative_delta_with_whole_edit_diagnostics
     for n in TARGETS:
         assert rec["diagnostics"][n]["kfac_quadratic_form"] == pytest.approx(expected[n]["kfac_quadratic_form"])
         assert torch.allclose(weights(model)[n], base[n] + delta.deltas[n].to(base[n].dtype), atol=1e-6)
+
+
+def test_sequential_edit_weight_counts_edit_tokens_k_times(setup, tmp_path):
+    from crispedit.editing.sequential import SequentialEditor
+
+    model, tok, cur = setup
+    # Scaling statistics by k is the same as merging k copies of them.
+    one = cur.stats[TARGETS[0]]
+    three = one.clone().add_(one).add_(one)
+    scaled = one.clone().scaled_(3)
+    assert scaled.n == three.n and torch.allclose(scaled.A, three.A) and torch.allclose(scaled.S, three.S)
+    with pytest.raises(ValueError, match="positive integer"):
+        one.clone().scaled_(0)
+    cfg = EditConfig(lr=2e-2, epochs=3, batch_size=2, gamma=0.9)
+    grown = {}
+    for w in (1, 4):
+        base_state = {k: v.clone() for k, v in model.state_dict().items()}
+        ed = SequentialEditor.create(tmp_path / f"w{w}", model, cur, cfg, edit_weight=w)
+        ed.edit_chunk(model, tok, REQUESTS[:2], progress=False)
+        grown[w] = ed.curvature.stats[TARGETS[0]].n - cur.stats[TARGETS[0]].n
+        assert ed.state["chunks"][0]["edit_weight"] == w
+        model.load_state_dict(base_state)  # a resumed state starts from the base model
+        assert SequentialEditor.open(tmp_path / f"w{w}", model).edit_weight == w
+        model.load_state_dict(base_state)
+    assert grown[4] == 4 * grown[1] > 0
+    with pytest.raises(CrispEditError, match="positive integer"):
+        SequentialEditor.create(tmp_path / "bad", model, cur, cfg, edit_weight=0)

@@ -44,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sequential", action="store_true", default=False,
                    help="CrispEdit-Seq: edit in chunks, each chunk's statistics become constraints")
     p.add_argument("--chunk-size", type=positive_int, default=100)
+    p.add_argument("--edit-weight", type=positive_int, default=1, metavar="N",
+                   help="sequential: count each edit token N times when a chunk's statistics are merged "
+                        "(protects earlier edits more; a resumed state keeps its own weight)")
     p.add_argument("--state", metavar="DIR", help="sequential state folder (default: OUT.state)")
     p.add_argument("--resume", action="store_true", default=False, help="continue a sequential state")
     p.add_argument("--no-save-model", action="store_true", default=False, help="write only the delta")
@@ -76,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
     model, tok = load_model_from_args(args)
     job = EditJob(requests=requests, cfg=cfg, curvature_path=args.curvature, targets=args.layers,
                   sequential=args.sequential, chunk_size=args.chunk_size, state_dir=args.state, resume=args.resume,
+                  edit_weight=args.edit_weight,
                   save_model=not args.no_save_model, allow_cache_mismatch=args.allow_cache_mismatch,
                   source={"path": str(args.edits), "format": args.format})
     rec = run_edit(model, tok, job, out, overwrite=args.force)

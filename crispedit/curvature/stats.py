@@ -74,6 +74,19 @@ class LayerStats:
             self.n_sink += other.n_sink
         return self
 
+    def scaled_(self, k: int) -> "LayerStats":
+        """Count every accumulated token k times (the statistics of k copies of the same data)."""
+        if int(k) != k or k < 1:
+            raise ValueError(f"a statistics weight must be a positive integer, got {k}")
+        k = int(k)
+        self.A *= k
+        self.S *= k
+        self.n *= k
+        if self.A_sink is not None:
+            self.A_sink *= k
+            self.n_sink *= k
+        return self
+
     def clone(self) -> "LayerStats":
         return LayerStats(self.A.clone(), self.S.clone(), self.n,
                           None if self.A_sink is None else self.A_sink.clone(), self.n_sink)
@@ -103,6 +116,11 @@ class KFACStats:
             raise ValueError(f"target layers differ: {list(self.layers)} vs {list(other.layers)}")
         for k in self.layers:
             self.layers[k].add_(other.layers[k])
+        return self
+
+    def scaled_(self, k: int) -> "KFACStats":
+        for v in self.layers.values():
+            v.scaled_(k)
         return self
 
     def clone(self) -> "KFACStats":

@@ -30,6 +30,7 @@ class EditJob:
     chunk_size: int = 100
     state_dir: str | None = None
     resume: bool = False
+    edit_weight: int = 1  # sequential: each edit token counts this many times in the merged statistics
     save_model: bool = True
     allow_cache_mismatch: bool = False
     source: dict[str, Any] | None = None  # where the requests came from (file, format)
@@ -71,7 +72,7 @@ def run_edit(model, tokenizer, job: EditJob, out: str | Path, overwrite: bool = 
         if job.resume:
             ed = SequentialEditor.open(state, model)
         else:
-            ed = SequentialEditor.create(state, model, curvature, job.cfg)
+            ed = SequentialEditor.create(state, model, curvature, job.cfg, edit_weight=job.edit_weight)
         results = []
         t_seq = time.perf_counter()
         for i in range(0, len(job.requests), job.chunk_size):

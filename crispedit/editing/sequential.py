@@ -49,9 +49,16 @@ class SequentialEditor:
     def config(self) -> EditConfig:
         return EditConfig(**self.state["config"])
 
+    @property
+    def edit_weight(self) -> int:
+        return int(self.state.get("edit_weight", 1))
+
     @classmethod
     def create(cls, path: str | Path, model: nn.Module, curvature: Curvature, cfg: EditConfig,
-               overwrite: bool = False) -> "SequentialEditor":
+               overwrite: bool = False, edit_weight: int = 1) -> "SequentialEditor":
+        """`edit_weight` counts each edit token that many times when a chunk's statistics are merged: a few
+        hundred edit tokens against tens of thousands of capability tokens otherwise hold little curvature
+        energy, and the γ threshold barely protects earlier edits."""
         from crispedit.models.fingerprint import weights_fingerprint
 
         path = Path(path)
@@ -63,7 +70,9 @@ class SequentialEditor:
         base = {n: target_weight(model, n).detach().clone().cpu() for n in targets}
         state = {"format": STATE_FORMAT, "format_version": 1, "targets": targets,
                  "base_weights_sha256": weights_fingerprint(model, targets), "config": cfg.to_json(),
-                 "chunks": [], "n_edits": 0}
+                 "chunks": [], "n_edits": 0, "edit_weight": int(edit_weight)}
+        if int(edit_weight) != edit_weight or edit_weight < 1:
+            raise CrispEditError(f"the edit statistics weight must be a positive integer, got {edit_weight}")
         ed = cls(path, curvature, base, state)
         ed._save(model)
         return ed
@@ -108,7 +117,7 @@ class SequentialEditor:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         chunk_stats = collect_lm_stats(model, seqs, self.targets, ccfg, pad_id=pad, progress=False,
                                        desc="edit statistics")
-        stats = self.curvature.stats.clone().add_(chunk_stats)
+        stats = self.curvature.stats.clone().add_(chunk_stats.scaled_(self.edit_weight))
         record = dict(self.curvature.record)
         record["corpora"] = list(record.get("corpora", [])) + [
             {"source": "edits", "chunk": k, "requests_sha256": result.delta.record["requests_sha256"],
@@ -119,7 +128,7 @@ class SequentialEditor:
                                      "final_loss": result.epoch_losses[-1] if result.epoch_losses else None,
                                      "seconds": result.seconds,
                                      "requests_sha256": result.delta.record["requests_sha256"],
-                                     "edit_tokens": sum(map(len, seqs))})
+                                     "edit_tokens": sum(map(len, seqs)), "edit_weight": self.edit_weight})
         self.state["n_edits"] += len(requests)
         self._save(model)
         return result
