@@ -68,7 +68,8 @@ def load_runs(folder: Path) -> list[dict]:
     order = {"ft": 1, "adam-nscl": 2, "crispedit": 3}
     rows.sort(key=lambda r: (0, r["name"]) if r["record"] is None else
               (order.get(r["record"]["config"]["method"], 9), r["record"]["config"]["gamma"],
-               r["record"]["config"]["lr"]))
+               r["record"]["config"]["lr"], bool(r["record"].get("sequential")),
+               (r["record"].get("chunks") or [{}])[0].get("edit_weight", 1)))
     return rows
 
 
