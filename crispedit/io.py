@@ -92,3 +92,17 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 def sha256_json(obj: Any) -> str:
     """Hash of a JSON-serialisable object in a canonical form (sorted keys)."""
     return sha256_bytes(json.dumps(obj, sort_keys=True, default=_json_default).encode())
+
+
+def jsonl_records(text: str, name: str) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) for each non-empty line of JSONL text; invalid JSON is a CrispEditError that
+    names the file (`name`), the line and the column."""
+    from crispedit.errors import CrispEditError
+
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise CrispEditError(f"{name}: line {lineno}: invalid JSON at column {e.colno}: {e.msg}") from e

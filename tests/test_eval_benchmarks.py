@@ -193,6 +193,9 @@ def test_bad_rows_name_file_line_and_field(tmp_path):
         '{"question": {"stem": "s", "choices": [{"text": "a", "label": "A"}]}, "answerKey": "B"}\n')
     with pytest.raises(CrispEditError, match=r"ARC-Challenge-Test.jsonl, line 1: bad ARC record"):
         load_arc(tmp_path)
+    (tmp_path / "arc" / "ARC-Challenge-Test.jsonl").write_text('\n{"question": \n')
+    with pytest.raises(CrispEditError, match=r"ARC-Challenge-Test.jsonl: line 2: invalid JSON at column"):
+        load_arc(tmp_path)
 
 
 def _chain_is_rigable(ids):

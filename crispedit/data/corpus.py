@@ -17,7 +17,7 @@ from typing import Any, Sequence, TypeVar
 from tqdm.auto import tqdm
 
 from crispedit.errors import CrispEditError
-from crispedit.io import sha256_json
+from crispedit.io import jsonl_records, sha256_json
 
 WIKIPEDIA = "wikipedia"
 SPLITS = ("train", "heldout")
@@ -43,16 +43,10 @@ def _read_txt(path: Path) -> list[str]:
 def _read_jsonl(path: Path, text_field: str) -> list[str]:
     docs = []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise CrispEditError(f"{path}: cannot read as UTF-8 text: {e}") from e
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise CrispEditError(f"{path.name}: line {lineno}: invalid JSON at column {e.colno}: {e.msg}") from e
+    for lineno, rec in jsonl_records(text, path.name):
         if not isinstance(rec, dict):
             raise CrispEditError(f"{path.name}: line {lineno}: expected a JSON object with a {text_field!r} field, "
                                  f"got {type(rec).__name__}")

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from crispedit.data.records import EditRequest, LocalityPrompt
 from crispedit.errors import CrispEditError
-from crispedit.io import atomic_path, sha256_json
+from crispedit.io import atomic_path, jsonl_records, sha256_json
 
 FORMATS = ("counterfact", "zsre", "wikibigedit", "crispedit")
 NQ_PREFIX = "nq question:"
@@ -221,16 +221,8 @@ def _read_records(path: Path) -> tuple[list[Any], list[int] | None]:
     if not stripped:
         raise CrispEditError(f"{path.name}: the file is empty")
     if path.suffix == ".jsonl" or (stripped and stripped[0] == "{" and _looks_like_jsonl(stripped)):
-        records, lines = [], []
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise CrispEditError(f"{path.name}: line {lineno}: invalid JSON at column {e.colno}: {e.msg}") from e
-            lines.append(lineno)
-        return records, lines
+        parsed = list(jsonl_records(text, path.name))
+        return [rec for _, rec in parsed], [lineno for lineno, _ in parsed]
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:

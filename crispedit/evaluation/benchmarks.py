@@ -11,7 +11,6 @@ $CRISPEDIT_BENCHMARKS, or in a folder the caller names.
 from __future__ import annotations
 
 import csv
-import json
 import os
 import random
 import re
@@ -27,6 +26,7 @@ from crispedit.evaluation.generation import eval_mode, generate_greedy, model_de
 from crispedit.evaluation.logprobs import accepts_logits_to_keep, target_predictions
 from crispedit.evaluation.text import extract_final_number
 from crispedit.formatting import PromptFormat, collate, encode_pair
+from crispedit.io import jsonl_records
 
 ENV_ROOT = "CRISPEDIT_BENCHMARKS"
 DEFAULT_ROOT = Path("..") / "shared" / "data" / "benchmarks"
@@ -104,20 +104,16 @@ def load_arc(root: str | os.PathLike | None = None, split: str = "test") -> list
     """ARC-Challenge from `arc/ARC-Challenge-{Test,Dev}.jsonl` (AI2 schema)."""
     path = _need(benchmarks_root(root) / "arc" / f"ARC-Challenge-{split.capitalize()}.jsonl")
     items = []
-    with open(path, encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                d = json.loads(line)
-                stem = d["question"]["stem"]
-                labels = [c["label"] for c in d["question"]["choices"]]
-                texts = tuple(c["text"] for c in d["question"]["choices"])
-                answer = labels.index(d["answerKey"])
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                raise CrispEditError(f"{path}, line {line_no}: bad ARC record (question.stem, question.choices, "
-                                     f"answerKey): {e}") from e
-            items.append(MCItem(f"arc/{d.get('id', line_no)}", f"Question: {stem.strip()}\nAnswer:", texts, answer))
+    for line_no, d in jsonl_records(path.read_text(encoding="utf-8"), str(path)):
+        try:
+            stem = d["question"]["stem"]
+            labels = [c["label"] for c in d["question"]["choices"]]
+            texts = tuple(c["text"] for c in d["question"]["choices"])
+            answer = labels.index(d["answerKey"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CrispEditError(f"{path}, line {line_no}: bad ARC record (question.stem, question.choices, "
+                                 f"answerKey): {e}") from e
+        items.append(MCItem(f"arc/{d.get('id', line_no)}", f"Question: {stem.strip()}\nAnswer:", texts, answer))
     return items
 
 
@@ -276,15 +272,11 @@ def load_gsm8k(root: str | os.PathLike | None = None, split: str = "test") -> li
     """GSM8K `{question, answer}` records; the answer's `<<calc>>` annotations are removed."""
     path = _need(benchmarks_root(root) / "gsm8k" / f"{split}.jsonl")
     out = []
-    with open(path, encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                d = json.loads(line)
-                out.append({"question": d["question"].strip(), "answer": _CALC.sub("", d["answer"]).strip()})
-            except (json.JSONDecodeError, KeyError, AttributeError) as e:
-                raise CrispEditError(f"{path}, line {line_no}: bad GSM8K record (question, answer): {e}") from e
+    for line_no, d in jsonl_records(path.read_text(encoding="utf-8"), str(path)):
+        try:
+            out.append({"question": d["question"].strip(), "answer": _CALC.sub("", d["answer"]).strip()})
+        except (KeyError, TypeError, AttributeError) as e:
+            raise CrispEditError(f"{path}, line {line_no}: bad GSM8K record (question, answer): {e}") from e
     return out
 
 
