@@ -23,8 +23,11 @@ class EditConfig:
     batch_size: int = 32
     early_stop_loss: float = 0.01
     max_steps: int | None = None
-    context: str = "raw"
+    contexts: tuple[str, ...] = ("raw",)
+    prefixes: int = 0
     seed: int = 0
+    cache_prefix: bool = True
+    target_logits: bool = True
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -33,8 +36,16 @@ class EditConfig:
             raise ValueError(f"gamma must be in (0, 1), got {self.gamma}")
         if self.lr <= 0 or self.epochs < 1 or self.batch_size < 1:
             raise ValueError("lr must be > 0, epochs and batch size >= 1")
-        if self.context not in ("raw", "chat"):
-            raise ValueError(f"edit context must be 'raw' or 'chat', got {self.context!r}")
+        object.__setattr__(self, "contexts", tuple(self.contexts))
+        if not self.contexts and self.prefixes == 0:
+            raise ValueError("contexts is empty and prefixes is 0: no training sequences")
+        for c in self.contexts:
+            if c not in ("raw", "qa", "chat"):
+                raise ValueError(f"unknown training context {c!r}; expected some of raw, qa, chat")
+        if int(self.prefixes) != self.prefixes or self.prefixes < 0:
+            raise ValueError(f"prefixes must be a non-negative integer, got {self.prefixes}")
 
     def to_json(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["contexts"] = list(self.contexts)
+        return d

@@ -14,9 +14,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from crispedit.data.records import EditRequest
-from crispedit.editing.batches import encode_requests, make_batch, token_losses
+from crispedit.editing.batches import build_training
 from crispedit.editing.config import EditConfig
 from crispedit.editing.delta import EditDelta, materialize
+from crispedit.editing.forward import EditForward, per_sequence_mean
 from crispedit.editing.optim import ProjectedAdam
 from crispedit.errors import CrispEditError, DivergenceError
 from crispedit.models.targets import weight_matrix
@@ -75,8 +76,11 @@ def edit(model: nn.Module, tokenizer, requests: Sequence[EditRequest], targets: 
     opt = ProjectedAdam({n: tuple(b.shape) for n, b in base.items()}, projectors, lr=cfg.lr,
                         mode=cfg.projection_mode, device=device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    pairs = encode_requests(tokenizer, requests, cfg.context)
+    seqs, prefixes = build_training(model, tokenizer, requests, cfg.contexts, cfg.prefixes, cfg.seed)
+    owner = [s.request for s in seqs]
     gen = torch.Generator().manual_seed(cfg.seed)
+    fwd = EditForward(model, targets, [s.pair for s in seqs], pad_id, cache_prefix=cfg.cache_prefix,
+                      logits_at_targets=cfg.target_logits)
 
     params = {n: _weight_param(m) for n, m in modules.items()}
     flags = [(p, p.requires_grad) for p in model.parameters()]
@@ -95,16 +99,14 @@ def edit(model: nn.Module, tokenizer, requests: Sequence[EditRequest], targets: 
             p.requires_grad_(True)
         bar = tqdm(range(cfg.epochs), desc=f"edit ({cfg.method})", disable=not progress, unit="epoch")
         for epoch in bar:
-            order = torch.randperm(len(pairs), generator=gen).tolist()
-            per_req = [math.nan] * len(pairs)
+            order = torch.randperm(len(seqs), generator=gen).tolist()
+            per_seq_loss = [math.nan] * len(seqs)
             batch_losses = []
             for s in range(0, len(order), cfg.batch_size):
                 idx = order[s : s + cfg.batch_size]
                 ts = time.perf_counter()
-                batch = make_batch([pairs[i] for i in idx], pad_id, device)
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                nll, mask = token_losses(logits, batch["labels"])
-                loss = nll.sum() / mask.sum()
+                nll, rows = fwd.token_nll(idx)
+                loss = nll.mean()
                 step += 1
                 if not torch.isfinite(loss):
                     raise DivergenceError(f"step {step}: the edit loss is {float(loss)}")
@@ -121,13 +123,13 @@ def edit(model: nn.Module, tokenizer, requests: Sequence[EditRequest], targets: 
                 step_seconds.append(time.perf_counter() - ts)
                 step_losses.append(lv)
                 batch_losses.append((lv, len(idx)))
-                per_seq = (nll.sum(1) / mask.sum(1)).detach().tolist()
+                per_seq = per_sequence_mean(nll.detach(), rows, len(idx)).tolist()
                 for i, v in zip(idx, per_seq):
-                    per_req[i] = v
+                    per_seq_loss[i] = v
                 if cfg.max_steps and step >= cfg.max_steps:
                     stopped = "max_steps"
                     break
-            request_losses.append(per_req)
+            request_losses.append(_per_request(per_seq_loss, owner, len(requests)))
             em = sum(v * k for v, k in batch_losses) / sum(k for _, k in batch_losses)
             epoch_losses.append(em)
             bar.set_postfix(loss=f"{em:.4f}")
@@ -159,12 +161,25 @@ def edit(model: nn.Module, tokenizer, requests: Sequence[EditRequest], targets: 
         epochs=len(epoch_losses),
         stopped=stopped,
         seconds=seconds,
+        forward=fwd.describe(),
+        training_sequences=len(seqs),
+        prefixes=prefixes,
     )
     delta = EditDelta.from_base(model, base, deltas, rec)
     diag = diagnostics(delta.deltas, curvature, cfg)
     delta.record["diagnostics"] = diag
     return EditResult(delta, step_losses, epoch_losses, request_losses, step_seconds, step, len(epoch_losses),
                       stopped, seconds, diag)
+
+
+def _per_request(per_seq: list[float], owner: list[int], n: int) -> list[float]:
+    """Mean loss over each request's training sequences (NaN where none was scored this epoch)."""
+    sums, counts = [0.0] * n, [0] * n
+    for v, r in zip(per_seq, owner):
+        if not math.isnan(v):
+            sums[r] += v
+            counts[r] += 1
+    return [s / c if c else math.nan for s, c in zip(sums, counts)]
 
 
 def diagnostics(deltas: Mapping[str, torch.Tensor], curvature, cfg: EditConfig) -> dict[str, Any]:

@@ -1,0 +1,159 @@
+"""The edit loss with the frozen prefix cached and logits only at the target positions equals the plain forward:
+loss and target-weight gradients on tiny float64 models of four architectures, and the delta of a short edit."""
+
+from __future__ import annotations
+
+import random
+import warnings
+
+import pytest
+import torch
+
+from crispedit.editing.forward import EditForward, find_layer_stack, per_sequence_mean
+from crispedit.formatting import EncodedPair
+
+VOCAB = 40
+
+
+def _llama(kind: str):
+    import transformers as tf
+
+    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
+                  bos_token_id=None, eos_token_id=1)
+    if kind == "llama":
+        cfg, cls = tf.LlamaConfig(**common, tie_word_embeddings=True), tf.LlamaForCausalLM
+    elif kind == "qwen2":
+        cfg, cls = tf.Qwen2Config(**common, tie_word_embeddings=False), tf.Qwen2ForCausalLM
+    elif kind == "mistral":
+        cfg, cls = tf.MistralConfig(**common, tie_word_embeddings=False), tf.MistralForCausalLM
+    else:
+        cfg = tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=4, n_head=4, n_positions=64, pad_token_id=0,
+                            bos_token_id=1, eos_token_id=1)
+        cls = tf.GPT2LMHeadModel
+    torch.manual_seed(0)
+    return cls(cfg).double().eval()
+
+
+TARGETS = {
+    "llama": ["model.layers.2.mlp.down_proj", "model.layers.3.mlp.down_proj"],
+    "qwen2": ["model.layers.1.mlp.down_proj", "model.layers.2.self_attn.o_proj"],
+    "mistral": ["model.layers.2.mlp.down_proj"],
+    "gpt2": ["transformer.h.2.mlp.c_proj", "transformer.h.3.mlp.c_fc"],
+}
+
+
+def _pairs(n: int = 7, seed: int = 3) -> list[EncodedPair]:
+    rng = random.Random(seed)
+    return [EncodedPair([rng.randrange(2, VOCAB) for _ in range(rng.randint(2, 12))],
+                        [rng.randrange(2, VOCAB) for _ in range(rng.randint(1, 4))] + [1]) for _ in range(n)]
+
+
+def _loss_and_grads(model, targets, fwd: EditForward, idx):
+    weights = [model.get_submodule(n).weight for n in targets]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for w in weights:
+        w.requires_grad_(True)
+    nll, rows = fwd.token_nll(idx)
+    loss = nll.mean()
+    grads = torch.autograd.grad(loss, weights)
+    return nll.detach(), rows, [g.detach() for g in grads]
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral", "gpt2"])
+def test_cached_prefix_and_target_logits_equal_the_plain_forward(kind):
+    model, targets, pairs = _llama(kind), TARGETS[kind], _pairs()
+    stack = find_layer_stack(model, targets)
+    assert stack is not None and stack.first == min(int(t.split(".")[2]) for t in targets)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fallback would hide a wrong shortcut
+        fast = EditForward(model, targets, pairs, pad_id=0)
+    plain = EditForward(model, targets, pairs, pad_id=0, cache_prefix=False, logits_at_targets=False)
+    assert fast.stack is not None and fast.logits_at_targets and not plain.uses_shortcuts
+    for idx in ([0, 1, 2], [6, 3, 5, 4], [2]):  # different paddings and batch compositions
+        a_nll, a_rows, a_grads = _loss_and_grads(model, targets, fast, idx)
+        b_nll, b_rows, b_grads = _loss_and_grads(model, targets, plain, idx)
+        assert torch.equal(a_rows, b_rows)
+        assert torch.allclose(a_nll, b_nll, rtol=1e-12, atol=1e-12)
+        for ga, gb in zip(a_grads, b_grads):
+            assert gb.norm() > 0
+            assert torch.allclose(ga, gb, rtol=1e-10, atol=1e-12), float((ga - gb).abs().max())
+
+
+def test_the_model_is_left_as_it_was():
+    model, targets, pairs = _llama("llama"), TARGETS["llama"], _pairs()
+    layers = list(model.model.layers)
+    fwd = EditForward(model, targets, pairs, pad_id=0)
+    fwd.token_nll([0, 1])
+    assert list(model.model.layers) == layers
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
+
+
+def test_prefix_is_rebuilt_when_a_frozen_weight_below_changes():
+    model, targets, pairs = _llama("llama"), TARGETS["llama"], _pairs()
+    fwd = EditForward(model, targets, pairs, pad_id=0)
+    with torch.no_grad():
+        before, _ = fwd.token_nll([0, 1])
+        model.model.layers[0].mlp.up_proj.weight.mul_(1.5)  # below the first target (layer 2)
+        after, _ = fwd.token_nll([0, 1])
+    plain = EditForward(model, targets, pairs, pad_id=0, cache_prefix=False, logits_at_targets=False)
+    with torch.no_grad():
+        ref, _ = plain.token_nll([0, 1])
+    assert not torch.allclose(before, after)
+    assert torch.allclose(after, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_targets_outside_the_layer_list_disable_the_prefix_only():
+    model = _llama("qwen2")
+    fwd = EditForward(model, ["lm_head"], _pairs(), pad_id=0)
+    assert fwd.stack is None and fwd.logits_at_targets
+    assert find_layer_stack(model, ["model.layers.0.mlp.down_proj"]).first == 0
+
+
+def test_logit_post_processing_falls_back_to_the_plain_forward():
+    """A model that changes its logits after the LM head (here: scaled) must not get the target-logits shortcut."""
+    model = _llama("llama")
+    original = type(model).forward
+
+    def scaled(self, *a, **k):
+        out = original(self, *a, **k)
+        out.logits = out.logits * 2.0
+        return out
+
+    model.forward = scaled.__get__(model)
+    with pytest.warns(RuntimeWarning, match="using the plain forward"):
+        fwd = EditForward(model, TARGETS["llama"], _pairs(), pad_id=0)
+    assert not fwd.uses_shortcuts
+
+
+def test_per_sequence_mean():
+    nll = torch.tensor([1.0, 3.0, 5.0, 2.0])
+    rows = torch.tensor([0, 0, 2, 2])
+    assert per_sequence_mean(nll, rows, 3).tolist() == [2.0, 0.0, 3.5]
+
+
+def test_short_edit_gives_the_same_delta_with_and_without_shortcuts(byte_bpe_tokenizer):
+    from crispedit.data.records import EditRequest
+    from crispedit.editing.config import EditConfig
+    from crispedit.editing.engine import edit
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = byte_bpe_tokenizer
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None)
+    reqs = [EditRequest("The capital of France is", "Rome"), EditRequest("The Eiffel Tower is in", "Paris"),
+            EditRequest("Danielle Darrieux speaks", "German")]
+    targets = ["model.layers.2.mlp.down_proj", "model.layers.3.mlp.down_proj"]
+    deltas = []
+    for shortcuts in (True, False):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(cfg).double().eval()
+        ec = EditConfig(method="ft", lr=1e-2, epochs=3, batch_size=2, cache_prefix=shortcuts,
+                        target_logits=shortcuts)
+        res = edit(model, tok, reqs, targets, ec, progress=False)
+        deltas.append(res.delta.deltas)
+    for n in targets:
+        assert deltas[0][n].norm() > 0
+        assert torch.allclose(deltas[0][n], deltas[1][n], rtol=1e-6, atol=1e-9)
