@@ -17,6 +17,27 @@ QA_CONTEXT = "Please answer the question:\n\nQ: {q}\nA:"
 CONTEXTS = ("raw", "qa", "chat")
 
 
+def has_chat_template(tokenizer) -> bool:
+    return getattr(tokenizer, "chat_template", None) is not None
+
+
+def resolve_contexts(names, tokenizer) -> tuple[str, ...]:
+    """Context names as given, with `auto` = the WILD QA context, the chat template (when the tokenizer has one)
+    and the raw prompt. Unknown names and `chat` without a chat template are errors."""
+    out: list[str] = []
+    for n in names:
+        if n == "auto":
+            out += ["qa", "chat", "raw"] if has_chat_template(tokenizer) else ["qa", "raw"]
+            continue
+        if n not in CONTEXTS:
+            raise ValueError(f"unknown context {n!r}; expected some of {', '.join(CONTEXTS)} or auto")
+        if n == "chat" and not has_chat_template(tokenizer):
+            raise ValueError("context 'chat' needs a tokenizer with a chat template; this one has none "
+                             "(use raw or qa)")
+        out.append(n)
+    return tuple(dict.fromkeys(out))
+
+
 @dataclass(frozen=True)
 class PromptFormat:
     """`context`: raw prompt, the QA context of WILD, or the tokenizer's chat template (prompt = user turn)."""

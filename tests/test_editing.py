@@ -139,11 +139,11 @@ def test_curvature_targets_must_match(setup):
 
 def test_sequential_chunk_statistics_add_up_to_union(setup):
     from crispedit.curvature.collect import CollectConfig, collect_lm_stats
-    from crispedit.editing.batches import encode_requests
+    from crispedit.editing.contexts import training_sequences
 
     model, tok, cur = setup
     model.double()  # float64 so that batch composition cannot change rounding
-    seqs = [p.input_ids for p in encode_requests(tok, REQUESTS)]
+    seqs = [s.pair.input_ids for s in training_sequences(tok, REQUESTS)]
     cfg = CollectConfig(labels="empirical")
     union = collect_lm_stats(model, seqs, TARGETS, cfg, progress=False)
     parts = collect_lm_stats(model, seqs[:2], TARGETS, cfg, progress=False)

@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = EditConfig(method=args.method, gamma=args.gamma, scope=args.scope, projection_mode=args.projection_mode,
                      lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,
                      early_stop_loss=args.early_stop_loss, max_steps=args.max_steps,
-                     context="chat" if args.chat_template else "raw", seed=args.seed)
+                     contexts=("chat",) if args.chat_template else ("raw",), seed=args.seed)
     from crispedit.cli.common import load_model_from_args
 
     model, tok = load_model_from_args(args)

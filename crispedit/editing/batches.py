@@ -1,30 +1,31 @@
-"""Edit requests → padded training batches (prompt + target + EOS, loss on target tokens only: FT-M)."""
+"""Edit requests → training sequences (prompt + target + end token, loss on the target only: FT-M), under the
+configured contexts and prefixes (`crispedit.editing.contexts`)."""
 
 from __future__ import annotations
 
 from typing import Sequence
 
-import torch
-
 from crispedit.data.records import EditRequest
-from crispedit.formatting import EncodedPair, PromptFormat, collate, encode_pair
+from crispedit.editing.contexts import (
+    TrainingSequence,
+    drop_leaking_prefixes,
+    generate_prefixes,
+    training_sequences,
+)
+
+PREFIX_POOL_MIN = 10
 
 
-def encode_requests(tokenizer, requests: Sequence[EditRequest], context: str = "raw") -> list[EncodedPair]:
-    fmt = PromptFormat(context=context)
-    return [encode_pair(tokenizer, r.prompt, r.target, fmt, add_eos=True) for r in requests]
+def prefix_pool_size(prefixes_per_request: int) -> int:
+    """How many prefixes are generated for a run (each request draws its own from them)."""
+    return max(PREFIX_POOL_MIN, 2 * prefixes_per_request) if prefixes_per_request else 0
 
 
-def make_batch(pairs: Sequence[EncodedPair], pad_id: int, device: torch.device | str) -> dict[str, torch.Tensor]:
-    b = collate([p.input_ids for p in pairs], pad_id, labels=[p.labels for p in pairs], padding_side="right")
-    return {k: v.to(device) for k, v in b.items()}
-
-
-def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token NLL of HF-style labels (shifted inside) and the mask of scored tokens."""
-    lg = logits[:, :-1].float()
-    tgt = labels[:, 1:]
-    mask = tgt != -100
-    nll = torch.nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), tgt.clamp_min(0).reshape(-1),
-                                            reduction="none").view_as(tgt)
-    return nll * mask, mask
+def build_training(model, tokenizer, requests: Sequence[EditRequest], contexts: Sequence[str], prefixes: int,
+                   seed: int) -> tuple[list[TrainingSequence], list[str]]:
+    """The training sequences of `requests` and the prefixes they used (recorded with the edit)."""
+    pool: list[str] = []
+    if prefixes:
+        pool = drop_leaking_prefixes(generate_prefixes(model, tokenizer, prefix_pool_size(prefixes), seed=seed),
+                                     requests)
+    return training_sequences(tokenizer, requests, contexts, pool, min(prefixes, len(pool)), seed), pool

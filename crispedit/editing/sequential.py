@@ -23,7 +23,7 @@ from torch import nn
 from crispedit.curvature.api import Curvature
 from crispedit.curvature.collect import collect_lm_stats
 from crispedit.data.records import EditRequest
-from crispedit.editing.batches import encode_requests
+from crispedit.editing.contexts import training_sequences
 from crispedit.editing.config import EditConfig
 from crispedit.editing.delta import EditDelta
 from crispedit.editing.engine import EditResult, edit
@@ -111,7 +111,9 @@ class SequentialEditor:
         cfg = dataclasses.replace(cfg, seed=cfg.seed + k)
         result = edit(model, tokenizer, requests, self.targets, cfg, curvature=self.curvature, progress=progress,
                       record={"chunk": k})
-        seqs = [p.input_ids for p in encode_requests(tokenizer, requests, cfg.context)]
+        prefixes = result.delta.record.get("prefixes") or []
+        seqs = [s.pair.input_ids for s in training_sequences(tokenizer, requests, cfg.contexts, prefixes,
+                                                                 min(cfg.prefixes, len(prefixes)), cfg.seed)]
         base_cfg = self.curvature_collect_config()
         ccfg = dataclasses.replace(base_cfg, seed=base_cfg.seed + 7919 * (k + 1))
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

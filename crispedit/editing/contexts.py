@@ -1,0 +1,111 @@
+"""Training variants of an edit: the same (prompt → target) presented under several contexts.
+
+An edit trained on one string binds to that string: the edited model answers with the new target after the exact
+raw prompt, and with the old answer when the same question comes inside the WILD QA context, through the chat
+template or after other text. Presenting each request under several contexts makes the cheapest solution the one
+that ties the target to the subject and relation instead:
+
+* the named contexts of `crispedit.formatting` — `raw`, the WILD QA context `qa`, the tokenizer's `chat` template;
+* short prefixes written by the model itself (the "context templates" of ROME/MEMIT): a few sampled tokens after
+  generic openings ("The", "Therefore", ...), put before the raw prompt.
+
+Only the request's own prompt is ever used. Its rephrases and locality prompts are the test of generalisation and
+locality; a generated prefix that happens to contain one of them is dropped (`drop_leaking_prefixes`).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from crispedit.data.records import EditRequest
+from crispedit.evaluation.text import normalize_answer
+from crispedit.formatting import EncodedPair, PromptFormat, encode_pair
+
+# ROME's openings for its context templates (Meng et al. 2022): generic starts that lead anywhere.
+PREFIX_OPENINGS = ("The", "Therefore", "Because", "I", "You")
+
+
+@dataclass(frozen=True)
+class TrainingSequence:
+    """One training sequence: which request, under which variant (a context name or `prefix:i`)."""
+
+    request: int
+    variant: str
+    pair: EncodedPair
+
+
+def generate_prefixes(model, tokenizer, n: int, max_new_tokens: int = 10, seed: int = 0) -> list[str]:
+    """`n` distinct short texts sampled from `model` (top-k 5) after the generic openings, each ending with a
+    sentence end, so that "{prefix} {prompt}" reads as a new sentence after some unrelated text."""
+    from crispedit.evaluation.generation import eval_mode, pad_id_of
+
+    if n <= 0:
+        return []
+    device = next(model.parameters()).device
+    out: list[str] = []
+    seen: set[str] = set()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), eval_mode(model):
+        torch.manual_seed(seed)
+        for attempt in range(8):
+            for opening in PREFIX_OPENINGS:
+                ids = tokenizer(opening, return_tensors="pt")["input_ids"].to(device)
+                gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=5,
+                                     max_new_tokens=max_new_tokens, pad_token_id=pad_id_of(tokenizer),
+                                     num_return_sequences=max(1, n // len(PREFIX_OPENINGS) + 1))
+                for row in gen:
+                    text = _clean(tokenizer.decode(row, skip_special_tokens=True))
+                    if text and text not in seen:
+                        seen.add(text)
+                        out.append(text)
+            if len(out) >= n:
+                break
+    return out[:n]
+
+
+def _clean(text: str) -> str:
+    """One line, stripped, ending with a sentence end."""
+    text = " ".join(text.split("\n")[0].split()).strip()
+    if not text:
+        return ""
+    return text if text[-1] in ".!?" else text + "."
+
+
+def drop_leaking_prefixes(prefixes: Sequence[str], requests: Sequence[EditRequest]) -> list[str]:
+    """The prefixes that contain none of the requests' rephrase or locality prompts (normalised text)."""
+    held_out = {normalize_answer(q) for r in requests for q in r.rephrases}
+    held_out |= {normalize_answer(loc.prompt) for r in requests for loc in r.locality}
+    held_out.discard("")
+    keep = []
+    for p in prefixes:
+        norm = f" {normalize_answer(p)} "
+        if not any(f" {h} " in norm for h in held_out):
+            keep.append(p)
+    return keep
+
+
+def with_prefix(prefix: str, prompt: str) -> str:
+    return f"{prefix} {prompt}"
+
+
+def training_sequences(tokenizer, requests: Sequence[EditRequest], contexts: Sequence[str] = ("raw",),
+                       prefixes: Sequence[str] = (), prefixes_per_request: int = 0,
+                       seed: int = 0) -> list[TrainingSequence]:
+    """Every request under every named context, plus `prefixes_per_request` distinct prefixes (drawn for each
+    request from `prefixes` with a seeded generator) before its raw prompt; prompt + target + end token, loss on
+    the target only (FT-M)."""
+    if prefixes_per_request > len(prefixes):
+        raise ValueError(f"{prefixes_per_request} prefixes per request asked for, but only {len(prefixes)} are "
+                         "available")
+    rng = random.Random(seed)
+    out: list[TrainingSequence] = []
+    for i, r in enumerate(requests):
+        for ctx in contexts:
+            out.append(TrainingSequence(i, ctx, encode_pair(tokenizer, r.prompt, r.target, PromptFormat(ctx))))
+        for j in rng.sample(range(len(prefixes)), prefixes_per_request):
+            pair = encode_pair(tokenizer, with_prefix(prefixes[j], r.prompt), r.target, PromptFormat("raw"))
+            out.append(TrainingSequence(i, f"prefix:{j}", pair))
+    return out

@@ -1,0 +1,109 @@
+"""Training variants of an edit: contexts are applied as documented, prefixes are model-written, deterministic, and
+never contain a request's rephrase or locality prompt."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from crispedit.data.records import EditRequest, LocalityPrompt
+from crispedit.editing.batches import build_training, prefix_pool_size
+from crispedit.editing.config import EditConfig
+from crispedit.editing.contexts import drop_leaking_prefixes, generate_prefixes, training_sequences, with_prefix
+from crispedit.formatting import QA_CONTEXT, PromptFormat, encode_pair, resolve_contexts
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+REQUESTS = [
+    EditRequest("The capital of France is", "Rome", rephrases=("France's capital city is",),
+                locality=(LocalityPrompt("The capital of Italy is", "Rome"),)),
+    EditRequest("Danielle Darrieux speaks", "German", rephrases=("The language of Danielle Darrieux is",)),
+]
+
+
+@pytest.fixture
+def chat_tok(byte_bpe_tokenizer):
+    tok = copy.deepcopy(byte_bpe_tokenizer)
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def test_named_contexts_are_the_formatting_contexts(chat_tok):
+    seqs = training_sequences(chat_tok, REQUESTS, contexts=("raw", "qa", "chat"))
+    assert [(s.request, s.variant) for s in seqs] == [(0, "raw"), (0, "qa"), (0, "chat"), (1, "raw"), (1, "qa"),
+                                                      (1, "chat")]
+    for s in seqs:
+        r = REQUESTS[s.request]
+        assert s.pair == encode_pair(chat_tok, r.prompt, r.target, PromptFormat(s.variant))
+    qa = chat_tok.decode(seqs[1].pair.prompt_ids)
+    assert qa == QA_CONTEXT.format(q=REQUESTS[0].prompt)
+    chat = chat_tok.decode(seqs[2].pair.prompt_ids)
+    assert chat == "<|user|>The capital of France is\n<|assistant|>"
+    # the loss is on the target (+ end token) only
+    for s in seqs:
+        assert s.pair.labels[:len(s.pair.prompt_ids)] == [-100] * len(s.pair.prompt_ids)
+
+
+def test_prefix_variants_put_a_prefix_before_the_raw_prompt(byte_bpe_tokenizer):
+    tok = byte_bpe_tokenizer
+    pool = ["The tower is tall.", "I went home.", "You know it.", "Because of rain."]
+    seqs = training_sequences(tok, REQUESTS, contexts=("raw",), prefixes=pool, prefixes_per_request=2, seed=3)
+    assert [s.variant.split(":")[0] for s in seqs] == ["raw", "prefix", "prefix"] * 2
+    for s in seqs:
+        if s.variant.startswith("prefix"):
+            j = int(s.variant.split(":")[1])
+            r = REQUESTS[s.request]
+            assert s.pair == encode_pair(tok, with_prefix(pool[j], r.prompt), r.target, PromptFormat("raw"))
+    per_request = [[s.variant for s in seqs if s.request == i and s.variant != "raw"] for i in range(2)]
+    assert all(len(set(v)) == 2 for v in per_request)  # distinct prefixes per request
+    again = training_sequences(tok, REQUESTS, contexts=("raw",), prefixes=pool, prefixes_per_request=2, seed=3)
+    assert again == seqs
+    with pytest.raises(ValueError, match="only 4 are available"):
+        training_sequences(tok, REQUESTS, prefixes=pool, prefixes_per_request=5)
+
+
+def test_prefixes_never_contain_a_rephrase_or_locality_prompt():
+    pool = ["It rained.", "He said: France's capital city is.", "We saw that the capital of Italy is big.",
+            "Nothing here."]
+    assert drop_leaking_prefixes(pool, REQUESTS) == ["It rained.", "Nothing here."]
+
+
+def test_generated_prefixes_are_deterministic_one_line_sentences(byte_bpe_tokenizer, biased_llama):
+    tok = byte_bpe_tokenizer
+    model = biased_llama(len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    a = generate_prefixes(model, tok, 6, max_new_tokens=5, seed=1)
+    b = generate_prefixes(model, tok, 6, max_new_tokens=5, seed=1)
+    assert a == b and len(a) == 6 and len(set(a)) == 6
+    assert all("\n" not in p and p[-1] in ".!?" for p in a)
+    state = torch.random.get_rng_state()
+    generate_prefixes(model, tok, 2, max_new_tokens=3, seed=5)
+    assert torch.equal(state, torch.random.get_rng_state())  # the caller's random stream is untouched
+    seqs, used = build_training(model, tok, REQUESTS, ("raw", "qa"), 2, seed=0)
+    assert len(used) <= prefix_pool_size(2) and len(seqs) == 2 * (2 + 2)
+    for s in seqs:  # no training text contains a request's rephrase or locality prompt
+        text = tok.decode(s.pair.input_ids)
+        for r in REQUESTS:
+            for q in list(r.rephrases) + [loc.prompt for loc in r.locality]:
+                assert q not in text
+
+
+def test_config_validates_contexts_and_prefixes():
+    assert EditConfig(contexts=["qa", "chat"]).contexts == ("qa", "chat")
+    with pytest.raises(ValueError, match="unknown training context 'wild'"):
+        EditConfig(contexts=("wild",))
+    with pytest.raises(ValueError, match="prefixes must be a non-negative integer"):
+        EditConfig(prefixes=-1)
+    with pytest.raises(ValueError, match="no training sequences"):
+        EditConfig(contexts=(), prefixes=0)
+
+
+def test_resolve_contexts(byte_bpe_tokenizer, chat_tok):
+    assert resolve_contexts(("auto",), chat_tok) == ("qa", "chat", "raw")
+    assert resolve_contexts(("auto",), byte_bpe_tokenizer) == ("qa", "raw")
+    with pytest.raises(ValueError, match="needs a tokenizer with a chat template"):
+        resolve_contexts(("chat",), byte_bpe_tokenizer)
+    with pytest.raises(ValueError, match="unknown context 'wild'"):
+        resolve_contexts(("wild",), chat_tok)
