@@ -64,15 +64,21 @@ def test_evaluate_fills_the_summary_consistently(models, byte_bpe_tokenizer):
     rep = evaluate(edited, base, tok, REQUESTS, _heldout(tok), _config(), run_config={"method": "ft", "gamma": None})
     s = rep.summary
     agg = rep.metrics["edit"]["aggregate"]
-    for key in ("reliability", "generalization", "locality", "perplexity_base", "perplexity_edited",
-                "kl_nats_per_token"):
+    for key in ("reliability_gen_raw", "generalization_gen_raw", "locality_gen_raw", "locality_gen_raw_first_token",
+                "reliability_gen_raw_contains", "reliability_tf", "generalization_tf", "locality_tf",
+                "perplexity_base", "perplexity_edited", "kl_nats_per_token"):
         assert key in s and s[key] is not None, key
         assert key in rep.summary_protocol
-    assert s["reliability"] == agg["reliability"]["teacher_forced"]["all_correct"]
-    assert s["reliability"] == pytest.approx(0.5)  # the edit took on request a only
-    assert s["generalization"] == pytest.approx(1.0)  # request a's rephrase ends like its prompt
-    assert s["locality"] == agg["locality"]["teacher_forced"]["agree_all"]
+    # generated metrics come first in the summary, teacher-forced ones after the capability figures
+    keys = list(s)
+    assert keys.index("reliability_gen_raw") < keys.index("perplexity_base") < keys.index("reliability_tf")
+    assert s["reliability_tf"] == agg["reliability"]["teacher_forced"]["all_correct"]
+    assert s["reliability_tf"] == pytest.approx(0.5)  # the edit took on request a only
+    assert s["generalization_tf"] == pytest.approx(1.0)  # request a's rephrase ends like its prompt
+    assert s["locality_tf"] == agg["locality"]["teacher_forced"]["agree_all"]
     assert s["reliability_gen_raw"] == agg["reliability"]["generated"]["raw"]["exact_match"]
+    assert s["reliability_gen_raw_contains"] == agg["reliability"]["generated"]["raw"]["contains_match"]
+    assert s["locality_gen_raw_first_token"] == agg["locality"]["generated"]["raw"]["first_token_same"]
     assert s["kl_nats_per_token"] > 0 and s["perplexity_edited"] != s["perplexity_base"]
     assert s["perplexity_increase_pct"] == pytest.approx(100 * (s["perplexity_edited"] / s["perplexity_base"] - 1))
     assert rep.eval_config["generated_contexts"] == ["raw"] and rep.config["method"] == "ft"
@@ -87,7 +93,7 @@ def test_evaluating_the_base_itself_is_explicit(models, byte_bpe_tokenizer):
     tok = byte_bpe_tokenizer
     rep = evaluate(base, None, tok, REQUESTS, _heldout(tok), _config(benchmarks=()))
     s = rep.summary
-    assert s["locality"] == 1.0 and s["locality_gen_raw"] == 1.0
+    assert s["locality_tf"] == 1.0 and s["locality_gen_raw"] == 1.0 and s["locality_gen_raw_first_token"] == 1.0
     assert s["kl_nats_per_token"] == 0.0 and s["perplexity_edited"] == s["perplexity_base"]
     assert "by definition" in rep.metrics["capability"]["definition"]
     assert "same model" in rep.metrics["edit"]["protocols"]["base_model"]
@@ -106,7 +112,7 @@ def test_corpus_objects_are_accepted_and_described(models, byte_bpe_tokenizer):
 
     rep = evaluate(edited, base, tok, [], Corpus(), _config(benchmarks=()))
     assert rep.metrics["capability"]["corpus"] == {"source": "test", "n": 4}
-    assert rep.summary["reliability"] is None and rep.metrics["edit"] is None
+    assert rep.summary["reliability_tf"] is None and rep.metrics["edit"] is None
 
 
 def _fake_report(method, gamma, rel, ppl_e, kl) -> EvalReport:
@@ -128,7 +134,7 @@ def test_report_round_trip_markdown_and_comparison(tmp_path):
     back = load_report(js)
     assert back == rep and back.source == str(js)
     text = md.read_text()
-    assert "# Evaluation: crispedit γ=0.99" in text and "| reliability | 0.800 |" in text
+    assert "# Evaluation: crispedit γ=0.99" in text and "| reliability_tf | 0.800 |" in text
     assert "| kl_nats_per_token | 0.01 |" in text and "**method**" in text
 
     other = [_fake_report("ft", None, 1.0, 30.0, 0.5), _fake_report("adam-nscl", None, 0.9, 12.0, 0.05)]
@@ -138,9 +144,8 @@ def test_report_round_trip_markdown_and_comparison(tmp_path):
     for label in ("crispedit γ=0.99", "ft", "adam-nscl"):
         assert label in header
     rows = {line.split("|")[1].strip(): line for line in table.splitlines()[2:]}
-    assert list(rows)[:6] == ["reliability", "generalization", "locality", "perplexity_base", "perplexity_edited",
-                              "kl_nats_per_token"]
-    assert "| 0.800 | 1.000 | 0.900 |" in rows["reliability"]
+    assert list(rows)[:4] == ["perplexity_base", "perplexity_edited", "perplexity_increase_pct", "kl_nats_per_token"]
+    assert "| 0.800 | 1.000 | 0.900 |" in rows["reliability_tf"]
     assert "+200.0%" in rows["perplexity_increase_pct"]
     # duplicate labels are told apart by file name
     dup = compare_reports([js, js])
@@ -163,7 +168,7 @@ def test_plots_are_written(tmp_path):
     reps.append(_fake_report("ft", None, 1.0, 30.0, 0.5))
     out = plot_tradeoff(reps, tmp_path / "plots" / "tradeoff.png")
     assert out.read_bytes()[:8] == PNG_MAGIC
-    out = plot_tradeoff(reps, tmp_path / "grid.png", y_key=("reliability", "locality"))
+    out = plot_tradeoff(reps, tmp_path / "grid.png", y_key=("reliability_tf", "locality_tf"))
     assert out.read_bytes()[:8] == PNG_MAGIC
     out = plot_loss_curves({"crispedit": [2.0, 1.0, 0.5], "ft": [2.0, 0.3, 0.01]}, tmp_path / "loss.png")
     assert out.read_bytes()[:8] == PNG_MAGIC

@@ -44,8 +44,8 @@ def test_cli_curvature_edit_eval_end_to_end(tmp_path):
                     "--limit", "3", "--heldout-samples", "2", "--max-length", "48", "--benchmarks", "none",
                     "--contexts", "raw", "--out", str(report)]) == 0
     s = json.loads(report.read_text())["summary"]
-    for k in ("reliability", "generalization", "locality", "perplexity_base", "perplexity_edited",
-              "kl_nats_per_token"):
+    for k in ("reliability_gen_raw", "generalization_gen_raw", "locality_gen_raw_first_token", "reliability_tf",
+              "generalization_tf", "locality_tf", "perplexity_base", "perplexity_edited", "kl_nats_per_token"):
         assert s[k] is not None, k
     # Bad use: an unknown method and a cache for another target set give one line and a non-zero exit.
     assert run_cli(["edit", "--model", "smollm2-135m-instruct", "--edits", str(COUNTERFACT), "--method", "rome",

@@ -23,7 +23,9 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
                    help="capability text; its held-out split (never seen by the curvature) gives perplexity and KL")
     p.add_argument("--heldout-samples", type=nonnegative_int, default=64, help="held-out chunks (0: skip)")
     p.add_argument("--max-length", type=positive_int, default=256)
-    p.add_argument("--contexts", default="raw,qa", help="generated-evaluation contexts: raw, qa, chat (comma list)")
+    p.add_argument("--contexts", default="auto",
+                   help="generated-evaluation contexts: qa, chat, raw (comma list); auto = all three, chat only "
+                        "when the tokenizer has a chat template")
     p.add_argument("--teacher-forced-context", default="raw", choices=("raw", "qa", "chat"))
     p.add_argument("--benchmarks", default="mmlu,arc,truthfulqa", help="comma list, or 'none'")
     p.add_argument("--benchmark-limit", type=positive_int, default=200)
@@ -85,8 +87,9 @@ def run_eval(args: argparse.Namespace) -> int:
     report = evaluate(edited, base, tok, requests, heldout, cfg, run_config=run_config)
     js, md = write_report(report, args.out)
     s = report.summary
-    echo(" ".join(f"{k}={s[k]:.4g}" for k in ("reliability", "generalization", "locality", "perplexity_base",
-                                               "perplexity_edited", "kl_nats_per_token") if s.get(k) is not None))
+    from crispedit.evaluation.report import HEADLINE_KEYS
+
+    echo(" ".join(f"{k}={s[k]:.4g}" for k in HEADLINE_KEYS if s.get(k) is not None))
     echo(f"report → {js} (and {md})")
     return 0
 
@@ -94,7 +97,7 @@ def run_eval(args: argparse.Namespace) -> int:
 def add_compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("reports", nargs="+", metavar="REPORT.json")
     p.add_argument("--plot", metavar="PNG", help="also draw edit success against capability change")
-    p.add_argument("--plot-y", default="reliability,locality", metavar="KEYS",
+    p.add_argument("--plot-y", default="reliability_gen_qa,locality_gen_qa_first_token", metavar="KEYS",
                    help="summary metrics on the plot's y axes, one row of panels each (comma list)")
     p.add_argument("--out", metavar="MD", help="write the table to this Markdown file")
 
@@ -110,7 +113,7 @@ def run_compare(args: argparse.Namespace) -> int:
         with atomic_path(args.out) as tmp:
             tmp.write_text(table + "\n")
     if args.plot:
-        plot_tradeoff(args.reports, args.plot, y_key=_split(args.plot_y) or ("reliability",))
+        plot_tradeoff(args.reports, args.plot, y_key=_split(args.plot_y) or ("reliability_gen_qa",))
         echo(f"plot → {args.plot}")
     return 0
 

@@ -20,15 +20,10 @@ from typing import Any, Sequence
 
 from crispedit.data.records import EditRequest
 from crispedit.errors import CrispEditError
-from crispedit.evaluation.generation import (
-    DEFAULT_STOP_STRINGS,
-    generate_greedy,
-    generate_greedy_ids,
-    pad_id_of,
-)
+from crispedit.evaluation.generation import DEFAULT_STOP_STRINGS, generate_greedy_ids, pad_id_of
 from crispedit.evaluation.judges import Judge
 from crispedit.evaluation.logprobs import target_predictions
-from crispedit.evaluation.text import contains_match, exact_match, prefix_match
+from crispedit.evaluation.text import contains_match, exact_match, prefix_match, truncate_at_stop
 from crispedit.formatting import CONTEXTS, PromptFormat, encode_pair, encode_prompt
 
 TF_REFERENCE_NOTE = (
@@ -109,7 +104,7 @@ def evaluate_edits(edited_model, tokenizer, requests: Sequence[EditRequest], bas
                    generated_contexts: Sequence[str] = ("raw", "qa"), judge: Judge | None = None,
                    max_new_tokens: int = 40, stop_strings: Sequence[str] = DEFAULT_STOP_STRINGS,
                    batch_size: int = 16, generation_batch_size: int = 16,
-                   show_progress: bool = True) -> dict[str, Any]:
+                   show_progress: bool = True, base_memo: dict | None = None) -> dict[str, Any]:
     """Reliability, generalization and locality of `edited_model` on `requests`.
 
     `base_model=None` means the model evaluated IS the base: locality against the base is 1 by
@@ -135,7 +130,7 @@ def evaluate_edits(edited_model, tokenizer, requests: Sequence[EditRequest], bas
                         show_progress)
     for ctx in contexts:
         _generated(edited_model, base_model, tokenizer, items, per_item, ctx, same_model, judge,
-                   max_new_tokens, stop_strings, generation_batch_size, show_progress)
+                   max_new_tokens, stop_strings, generation_batch_size, show_progress, base_memo)
 
     scorers = ["exact_match", "prefix_match", "contains_match"] + ([judge.name] if judge is not None else [])
     protocols = {
@@ -147,7 +142,8 @@ def evaluate_edits(edited_model, tokenizer, requests: Sequence[EditRequest], bas
                       "stop": [*stop_strings, "EOS"], "scorers": scorers,
                       "judge": judge.name if judge is not None else None,
                       "locality": "same_as_base = normalised edited generation equals normalised base "
-                                  "generation; answer_* = scorers against the dataset answer"},
+                                  "generation; first_token_same = the first generated token is the base "
+                                  "model's; answer_* = scorers against the dataset answer"},
         "aggregation": "macro: mean over requests of the per-request mean over its prompts",
         "base_model": "same model (locality vs base = 1 by definition)" if same_model else "separate base model",
         "n_requests": len(requests),
@@ -210,28 +206,52 @@ def _teacher_forced(edited, base, tokenizer, items, per_item, context, same_mode
         per_item[k]["teacher_forced"] = rec
 
 
+def _generate_texts(model, tokenizer, prompt_ids, max_new_tokens, batch_size, stop_strings, show_progress, desc,
+                    memo: dict | None = None, memo_key: tuple = ()) -> list[list[int]]:
+    """Greedy continuations (token ids, cut at the first stop) of each prompt; `memo` (a dict the caller keeps)
+    reuses earlier continuations of the same model on the same prompts (the base model's, across runs)."""
+    keys = [memo_key + (tuple(p),) for p in prompt_ids]
+    todo = [k for k, key in enumerate(keys) if memo is None or key not in memo]
+    fresh = generate_greedy_ids(model, tokenizer, [prompt_ids[k] for k in todo], max_new_tokens, batch_size,
+                                stop_strings, show_progress=show_progress, desc=desc)
+    if memo is None:
+        return fresh
+    for k, row in zip(todo, fresh):
+        memo[keys[k]] = row
+    return [memo[key] for key in keys]
+
+
+def _as_text(tokenizer, row: list[int], stop_strings) -> str:
+    return truncate_at_stop(tokenizer.decode(row, skip_special_tokens=True), stop_strings)
+
+
 def _generated(edited, base, tokenizer, items, per_item, ctx, same_model, judge, max_new_tokens, stop_strings,
-               batch_size, show_progress) -> None:
+               batch_size, show_progress, base_memo=None) -> None:
     fmt = PromptFormat(ctx)
     prompt_ids = [encode_prompt(tokenizer, it.prompt, fmt) for it in items]
-    gens = generate_greedy(edited, tokenizer, prompt_ids, max_new_tokens, batch_size, stop_strings,
-                           show_progress=show_progress, desc=f"generate ({ctx})")
+    ids = _generate_texts(edited, tokenizer, prompt_ids, max_new_tokens, batch_size, stop_strings, show_progress,
+                          f"generate ({ctx})")
+    gens = [_as_text(tokenizer, row, stop_strings) for row in ids]
     loc = [k for k, it in enumerate(items) if it.kind == "locality"]
     if same_model:
-        base_gens = {k: gens[k] for k in loc}
+        base_ids = {k: ids[k] for k in loc}
     else:
-        bg = generate_greedy(base, tokenizer, [prompt_ids[k] for k in loc], max_new_tokens, batch_size,
-                             stop_strings, show_progress=show_progress, desc=f"base generate ({ctx})")
-        base_gens = dict(zip(loc, bg))
+        bi = _generate_texts(base, tokenizer, [prompt_ids[k] for k in loc], max_new_tokens, batch_size, stop_strings,
+                             show_progress, f"base generate ({ctx})", base_memo, ("base", ctx, max_new_tokens,
+                                                                                  tuple(stop_strings)))
+        base_ids = dict(zip(loc, bi))
     for k, it in enumerate(items):
         g = gens[k]
         if it.kind == "locality":
-            rec: dict[str, Any] = {"generation": g, "base_generation": base_gens[k],
-                                   "same_as_base": True if same_model else exact_match(g, base_gens[k])}
+            bg = _as_text(tokenizer, base_ids[k], stop_strings)
+            first, base_first = ids[k][:1], base_ids[k][:1]
+            rec: dict[str, Any] = {"generation": g, "base_generation": bg,
+                                   "same_as_base": True if same_model else exact_match(g, bg),
+                                   "first_token_same": True if same_model else first == base_first}
             if it.target is not None:
                 rec["answer_exact_match"] = exact_match(g, it.target)
                 rec["answer_prefix_match"] = prefix_match(g, it.target)
-                rec["answer_exact_match_base"] = exact_match(base_gens[k], it.target)
+                rec["answer_exact_match_base"] = exact_match(bg, it.target)
         else:
             rec = {"generation": g, "exact_match": exact_match(g, it.target),
                    "prefix_match": prefix_match(g, it.target), "contains_match": contains_match(g, it.target)}
@@ -293,7 +313,8 @@ def _aggregate(requests, items, per_item, teacher_forced, contexts, scorers) -> 
         block["teacher_forced"] = tf | {"n_requests": n_req, "n_requests_with_answer": n_ans}
     block["generated"] = {
         ctx: {m: _macro(_collect(requests, items, per_item, kind, lambda r, m=m, ctx=ctx: r["generated"][ctx].get(m)))
-              for m in ("same_as_base", "answer_exact_match", "answer_prefix_match", "answer_exact_match_base")}
+              for m in ("same_as_base", "first_token_same", "answer_exact_match", "answer_prefix_match",
+                        "answer_exact_match_base")}
         | {"n_requests": n_req, "n_requests_with_answer": n_ans}
         for ctx in contexts
     }

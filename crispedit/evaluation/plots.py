@@ -39,7 +39,7 @@ def _spread_x(ax, xs: Sequence[float]) -> None:
 
 
 def plot_tradeoff(reports: Sequence[EvalReport | str | os.PathLike], out_png: str | os.PathLike,
-                  y_key: str | Sequence[str] = "reliability",
+                  y_key: str | Sequence[str] = "reliability_gen_qa",
                   x_keys: Sequence[str] = ("perplexity_increase_pct", "kl_nats_per_token"),
                   labels: Sequence[str] | None = None, title: str | None = None) -> Path:
     """One panel per (edit metric in `y_key`, capability-change metric in `x_keys`), one labelled point per run.

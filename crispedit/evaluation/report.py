@@ -16,8 +16,12 @@ from crispedit.io import atomic_path, write_json
 
 REPORT_FORMAT = "crispedit-eval-report"
 REPORT_VERSION = 1
-HEADLINE_KEYS = ("reliability", "generalization", "locality", "perplexity_base", "perplexity_edited",
-                 "kl_nats_per_token")
+# The generation contexts in the order reports list them: the WILD QA context, the chat template, the raw prompt.
+GEN_CONTEXT_ORDER = ("qa", "chat", "raw")
+HEADLINE_KEYS = ("reliability_gen_qa", "reliability_gen_chat_contains", "reliability_gen_raw",
+                 "generalization_gen_qa_contains", "generalization_gen_chat_contains", "generalization_gen_raw",
+                 "locality_gen_qa_first_token", "locality_gen_raw_first_token", "perplexity_base",
+                 "perplexity_edited", "perplexity_increase_pct", "kl_nats_per_token")
 
 
 @dataclass
@@ -77,17 +81,30 @@ def build_report(edit: Mapping[str, Any] | None = None, capability: Mapping[str,
                  benchmarks: Mapping[str, Mapping[str, Any]] | None = None, config: Mapping[str, Any] | None = None,
                  eval_config: Mapping[str, Any] | None = None, meta: Mapping[str, Any] | None = None) -> EvalReport:
     """Assemble a report from `evaluate_edits` output, `CapabilityResult.to_json()` and benchmark
-    results ({task: result}); the summary's headline edit metrics are teacher-forced all-correct."""
+    results ({task: result}); the summary lists the generated edit metrics first (per context: exact match, then
+    contains/prefix; locality: first token and whole answer against the base), then capability, then the
+    teacher-forced figures (`*_tf`)."""
     s: dict[str, Any] = {}
     p: dict[str, str] = {}
     agg = _get(edit, "aggregate") or {}
-    s["reliability"] = _get(agg, "reliability", "teacher_forced", "all_correct")
-    p["reliability"] = "teacher-forced: fraction of edit prompts whose target tokens are all the argmax"
-    s["generalization"] = _get(agg, "generalization", "teacher_forced", "all_correct")
-    p["generalization"] = "teacher-forced: as reliability, on the rephrase prompts (macro over requests)"
-    s["locality"] = _get(agg, "locality", "teacher_forced", "agree_all")
-    p["locality"] = ("teacher-forced: fraction of locality prompts where the edited model's argmax tokens all "
-                     "equal the base model's (on the dataset answer, else the base continuation)")
+    # Generated answers first (what a user sees); teacher-forced figures follow with a _tf suffix.
+    primary = _get(edit, "protocols", "generated", "judge") or "exact_match"
+    contexts = _get(edit, "protocols", "generated", "contexts") or []
+    for ctx in sorted(contexts, key=lambda c: GEN_CONTEXT_ORDER.index(c) if c in GEN_CONTEXT_ORDER else 99):
+        for kind in ("reliability", "generalization"):
+            key = f"{kind}_gen_{ctx}"
+            s[key] = _get(agg, kind, "generated", ctx, primary)
+            p[key] = f"generated (greedy, {ctx} context), scored by {primary}"
+            for scorer, short in (("contains_match", "contains"), ("prefix_match", "prefix")):
+                if primary != scorer and _get(agg, kind, "generated", ctx, scorer) is not None:
+                    s[f"{key}_{short}"] = _get(agg, kind, "generated", ctx, scorer)
+                    p[f"{key}_{short}"] = f"generated (greedy, {ctx} context), scored by {scorer}"
+        s[f"locality_gen_{ctx}_first_token"] = _get(agg, "locality", "generated", ctx, "first_token_same")
+        p[f"locality_gen_{ctx}_first_token"] = (f"generated ({ctx} context): the edited model's first generated "
+                                                "token equals the base model's")
+        s[f"locality_gen_{ctx}"] = _get(agg, "locality", "generated", ctx, "same_as_base")
+        p[f"locality_gen_{ctx}"] = (f"generated ({ctx} context): edited generation equals the base generation "
+                                    "(normalised)")
     cap = capability or {}
     s["perplexity_base"] = cap.get("perplexity_base")
     s["perplexity_edited"] = cap.get("perplexity_edited")
@@ -97,6 +114,13 @@ def build_report(edit: Mapping[str, Any] | None = None, capability: Mapping[str,
     if s["perplexity_base"] and s["perplexity_edited"] is not None:
         s["perplexity_increase_pct"] = 100.0 * (s["perplexity_edited"] / s["perplexity_base"] - 1.0)
         p["perplexity_increase_pct"] = "100 * (perplexity_edited / perplexity_base - 1)"
+    s["reliability_tf"] = _get(agg, "reliability", "teacher_forced", "all_correct")
+    p["reliability_tf"] = "teacher-forced: fraction of edit prompts whose target tokens are all the argmax"
+    s["generalization_tf"] = _get(agg, "generalization", "teacher_forced", "all_correct")
+    p["generalization_tf"] = "teacher-forced: as reliability_tf, on the rephrase prompts (macro over requests)"
+    s["locality_tf"] = _get(agg, "locality", "teacher_forced", "agree_all")
+    p["locality_tf"] = ("teacher-forced: fraction of locality prompts where the edited model's argmax tokens all "
+                        "equal the base model's (on the dataset answer, else the base continuation)")
     for kind, key in (("reliability", "reliability_token_acc"), ("generalization", "generalization_token_acc")):
         v = _get(agg, kind, "teacher_forced", "token_acc")
         if v is not None:
@@ -105,15 +129,6 @@ def build_report(edit: Mapping[str, Any] | None = None, capability: Mapping[str,
     if _get(agg, "locality", "teacher_forced", "agree_token") is not None:
         s["locality_token_agree"] = agg["locality"]["teacher_forced"]["agree_token"]
         p["locality_token_agree"] = "teacher-forced: mean fraction of locality positions whose argmax equals the base's"
-    primary = _get(edit, "protocols", "generated", "judge") or "exact_match"
-    for ctx in _get(edit, "protocols", "generated", "contexts") or []:
-        for kind in ("reliability", "generalization"):
-            key = f"{kind}_gen_{ctx}"
-            s[key] = _get(agg, kind, "generated", ctx, primary)
-            p[key] = f"generated (greedy, {ctx} context), scored by {primary}"
-        s[f"locality_gen_{ctx}"] = _get(agg, "locality", "generated", ctx, "same_as_base")
-        p[f"locality_gen_{ctx}"] = (f"generated ({ctx} context): edited generation equals the base generation "
-                                    "(normalised)")
     for task, res in (benchmarks or {}).items():
         if "acc" in res:
             s[f"{task}_acc"] = res["acc"]

@@ -14,6 +14,7 @@ from crispedit.evaluation.generation import pad_id_of
 from crispedit.evaluation.judges import Judge
 from crispedit.evaluation.report import EvalReport, build_report
 from crispedit.errors import CrispEditError
+from crispedit.formatting import resolve_contexts
 
 
 @dataclass
@@ -22,7 +23,7 @@ class EvalConfig:
 
     teacher_forced: bool = True
     teacher_forced_context: str = "raw"
-    generated_contexts: tuple[str, ...] = ("raw", "qa")
+    generated_contexts: tuple[str, ...] = ("auto",)  # qa, chat (if the tokenizer has a template), raw
     max_new_tokens: int = 40
     benchmarks: tuple[str, ...] = ("mmlu", "arc", "truthfulqa")
     benchmark_limit: int | None = 200
@@ -68,10 +69,14 @@ def evaluate(edited_model, base_model, tokenizer, requests: Sequence[EditRequest
     edit = None
     if requests:
         t = time.perf_counter()
+        try:
+            contexts = resolve_contexts(cfg.generated_contexts, tokenizer)
+        except ValueError as e:
+            raise CrispEditError(str(e)) from None
         edit = evaluate_edits(
             edited_model, tokenizer, requests, None if same else base_model,
             teacher_forced=cfg.teacher_forced, teacher_forced_context=cfg.teacher_forced_context,
-            generated_contexts=cfg.generated_contexts, judge=judge, max_new_tokens=cfg.max_new_tokens,
+            generated_contexts=contexts, judge=judge, max_new_tokens=cfg.max_new_tokens,
             batch_size=cfg.batch_size, generation_batch_size=cfg.generation_batch_size,
             show_progress=cfg.show_progress)
         wall["edit_metrics"] = time.perf_counter() - t
