@@ -127,6 +127,25 @@ class Curvature:
         record = dict(self.record, corpora=self.record["corpora"] + other.record["corpora"])
         return Curvature.from_stats(stats, record)
 
+    def select(self, targets: Sequence[str], model: nn.Module | None = None) -> "Curvature":
+        """The curvature of a subset of this cache's targets (K-FAC blocks and their eigenbases are per layer, so
+        the subset is exact): one cache collected over many layers serves any choice among them. With `model`, the
+        record's weights fingerprint is recomputed for the subset (after checking the whole cache matches it)."""
+        missing = [t for t in targets if t not in self.stats.layers]
+        if missing:
+            raise CrispEditError(f"the curvature cache does not cover {missing}; it covers {self.targets}")
+        stats = KFACStats({t: self.stats[t] for t in targets})
+        eigen = {t: self.eigen[t] for t in targets}
+        record = dict(self.record)
+        record["targets"] = [t for t in self.record["targets"] if t["name"] in set(targets)]
+        record["targets"].sort(key=lambda t: list(targets).index(t["name"]))
+        record["selected_from"] = [t["name"] for t in self.record["targets"]]
+        if model is not None:
+            self.check_model(model)
+            record["model"] = model_fingerprint(model, targets)
+        record["summary"] = {t: v for t, v in (self.record.get("summary") or {}).items() if t in set(targets)}
+        return Curvature(stats, eigen, record)
+
     # ------------------------------------------------------------------ projections
     def masks(self, gamma: float, scope: str = "layer") -> dict[str, torch.Tensor]:
         return build_masks(self.eigen, gamma, scope)

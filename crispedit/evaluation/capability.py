@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -69,32 +69,32 @@ def _valid_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
     return logits[:, :-1][keep], ids[:, 1:][keep]
 
 
-def capability_metrics(base_model, edited_model, sequences: Sequence[Sequence[int]], batch_size: int = 4,
-                       show_progress: bool = False, pad_id: int = 0) -> CapabilityResult:
-    """Perplexity of both models and KL(p_base || p_edited) in one pass per batch.
+LogitsFn = Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
 
-    `edited_model=None` (or the same object as `base_model`) evaluates the base alone: KL = 0 and
-    perplexity_edited = perplexity_base by definition.
-    """
+
+def capability_pass(base_logits: LogitsFn, edited_logits: LogitsFn | None, sequences: Sequence[Sequence[int]],
+                    batch_size: int = 4, show_progress: bool = False, pad_id: int = 0) -> CapabilityResult:
+    """Perplexities and KL(p_base || p_edited) from two functions batch → (logits [N, V], targets [N]) at the
+    predicting positions; `edited_logits=None` scores the base alone. (`capability_metrics` passes two models;
+    the KL budget passes one model whose edited weights are switched in and out.)"""
     sequences = getattr(sequences, "sequences", sequences)
     _check(sequences)
-    same = edited_model is None or edited_model is base_model
+    same = edited_logits is None
     nll_b = nll_e = kl = 0.0
     n = 0
-    with eval_mode(base_model, None if same else edited_model):
-        for idx in tqdm(_batches(sequences, batch_size), desc="capability", disable=not show_progress, leave=False):
-            batch = collate([list(sequences[i]) for i in idx], pad_id, padding_side="right")
-            lb_all, tgt = _valid_logits(base_model, batch)
-            le_all = None if same else _valid_logits(edited_model, batch)[0]
-            for s in range(0, tgt.shape[0], _CHUNK):
-                t = tgt[s:s + _CHUNK]
-                lb = torch.log_softmax(lb_all[s:s + _CHUNK].float(), -1)
-                nll_b += -lb.gather(-1, t[:, None]).double().sum().item()
-                if not same:
-                    le = torch.log_softmax(le_all[s:s + _CHUNK].float().to(lb.device), -1)
-                    nll_e += -le.gather(-1, t[:, None].to(le.device)).double().sum().item()
-                    kl += (lb.exp() * (lb - le)).sum(-1).double().sum().item()
-            n += int(tgt.shape[0])
+    for idx in tqdm(_batches(sequences, batch_size), desc="capability", disable=not show_progress, leave=False):
+        batch = collate([list(sequences[i]) for i in idx], pad_id, padding_side="right")
+        lb_all, tgt = base_logits(batch)
+        le_all = None if same else edited_logits(batch)[0]
+        for s in range(0, tgt.shape[0], _CHUNK):
+            t = tgt[s:s + _CHUNK]
+            lb = torch.log_softmax(lb_all[s:s + _CHUNK].float(), -1)
+            nll_b += -lb.gather(-1, t[:, None]).double().sum().item()
+            if not same:
+                le = torch.log_softmax(le_all[s:s + _CHUNK].float().to(lb.device), -1)
+                nll_e += -le.gather(-1, t[:, None].to(le.device)).double().sum().item()
+                kl += (lb.exp() * (lb - le)).sum(-1).double().sum().item()
+        n += int(tgt.shape[0])
     if same:
         nll_e = nll_b
     return CapabilityResult(
@@ -102,6 +102,20 @@ def capability_metrics(base_model, edited_model, sequences: Sequence[Sequence[in
         kl_nats_per_token=kl / n, nll_base=nll_b / n, nll_edited=nll_e / n,
         n_sequences=len(sequences), n_tokens=n, same_model=same,
     )
+
+
+def capability_metrics(base_model, edited_model, sequences: Sequence[Sequence[int]], batch_size: int = 4,
+                       show_progress: bool = False, pad_id: int = 0) -> CapabilityResult:
+    """Perplexity of both models and KL(p_base || p_edited) in one pass per batch.
+
+    `edited_model=None` (or the same object as `base_model`) evaluates the base alone: KL = 0 and
+    perplexity_edited = perplexity_base by definition.
+    """
+    same = edited_model is None or edited_model is base_model
+    with eval_mode(base_model, None if same else edited_model):
+        return capability_pass(lambda b: _valid_logits(base_model, b),
+                               None if same else (lambda b: _valid_logits(edited_model, b)),
+                               sequences, batch_size, show_progress, pad_id)
 
 
 def perplexity(model, sequences: Sequence[Sequence[int]], batch_size: int = 4, show_progress: bool = False) -> float:
