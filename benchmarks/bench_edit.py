@@ -1,116 +1,129 @@
-"""Editing speed on the embedded SmolLM2-135M with the default targets.
+"""Editing speed on SmolLM2-135M-Instruct: step times of three variants measured in one run, and the wall time and
+peak memory of whole edits.
 
-Prints, measured in one run:
-  - the median time of a projected CrispEdit step (Adam in the masked eigenbasis, and the project-the-update
-    variant) over a plain FT step, same batches, interleaved (target ≤ 1.05);
-  - the time of the projection alone per step (grouped masked rotations against full ones, a few γ);
-  - the wall time of editing N CounterFact facts with the default settings.
+Step times (same requests, the variants interleaved round by round, the first step of every run excluded as
+warm-up, ≥ 10 timed steps per variant; median, quartiles, min and max):
+  (a) `ft-plain`   plain FT with the full forward (every layer, the LM head at every position),
+  (b) `ft`         FT with the frozen prefix cached and logits only at the target positions,
+  (c) `crispedit`  CrispEdit (defaults) with both;
+ratios (c)/(a) and (c)/(b). Whole edits: wall time and peak memory of editing N CounterFact facts with the
+defaults, each N in a fresh process (peak RSS on CPU, peak allocated memory on CUDA).
 
-    python benchmarks/bench_edit.py --curvature CACHE [--n 100] [--out benchmarks/results/bench_edit.json]
-
-Without --curvature a small cache (32 Wikipedia chunks of 128 tokens) is built first.
+    python benchmarks/bench_edit.py --curvature CACHE [--sizes 100,1000] [--device cuda --dtype bfloat16]
+        [--out benchmarks/results/bench_edit.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--curvature")
-    ap.add_argument("--edits", default="../shared/data/counterfact/counterfact-edit.json")
-    ap.add_argument("--n", type=int, default=100)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=6, help="timed steps per method and round")
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--out", default="benchmarks/results/bench_edit.json")
-    a = ap.parse_args()
+def _spread(xs: list[float]) -> dict[str, float]:
+    q = statistics.quantiles(xs, n=4) if len(xs) >= 2 else [xs[0]] * 3
+    return {"median": statistics.median(xs), "q1": q[0], "q3": q[2], "min": min(xs), "max": max(xs), "n": len(xs)}
 
-    from crispedit.curvature.api import Curvature, CurvatureConfig
-    from crispedit.data.corpus import build_corpus
+
+def _setup(a):
+    from crispedit.curvature.api import Curvature
     from crispedit.data.readers import load_requests
+    from crispedit.models.loading import load_model
+
+    model, tok = load_model(a.model, device=a.device, dtype=a.dtype)
+    cur = Curvature.load(a.curvature, device="cpu")
+    return model, tok, cur, load_requests
+
+
+def steps(a) -> dict:
     from crispedit.editing.config import EditConfig
     from crispedit.editing.engine import edit
-    from crispedit.models.loading import load_model
-    from crispedit.models.targets import resolve_targets
 
-    model, tok = load_model("smollm2-135m-instruct")
-    targets = resolve_targets(model, None)
-    if a.curvature:
-        cur = Curvature.load(a.curvature, model=model)
-    else:
-        corpus = build_corpus(tok, None, n_samples=32, max_length=128)
-        cur = Curvature.compute(model, targets, corpus.sequences, corpus.describe(), CurvatureConfig(),
-                                pad_id=tok.pad_token_id)
-    requests = load_requests(a.edits, limit=a.n)
-    batch = requests[: a.batch_size]
-    # Fixed work per step: one epoch of `batch_size` requests per step, no early stop.
+    model, tok, cur, load_requests = _setup(a)
+    requests = load_requests(a.edits, limit=a.batch_requests)
+    targets = cur.targets
+    base = EditConfig()
+    common = dict(epochs=a.steps, early_stop_loss=1e-9, max_steps=a.steps)
     variants = {
-        "ft": EditConfig(method="ft", epochs=a.steps, batch_size=a.batch_size, early_stop_loss=1e-9),
-        "crispedit-eigen": EditConfig(method="crispedit", epochs=a.steps, batch_size=a.batch_size,
-                                      early_stop_loss=1e-9, projection_mode="eigen"),
-        "crispedit-update": EditConfig(method="crispedit", epochs=a.steps, batch_size=a.batch_size,
-                                       early_stop_loss=1e-9, projection_mode="update"),
+        "ft-plain": EditConfig(method="ft", cache_prefix=False, target_logits=False, **common),
+        "ft": EditConfig(method="ft", **common),
+        "crispedit": EditConfig(method="crispedit", **common),
     }
-    gamma = EditConfig().gamma
-    projs = cur.projectors(gamma, kind="kfac")
-    # The same eigen-mode step with the plain full rotations, to show what the grouped masked rotations save.
-    variants["crispedit-eigen-full-rotations"] = variants["crispedit-eigen"]
-    full = cur.projectors(gamma, kind="kfac")
-    for P in full.values():
-        P.grouped = False
-    projectors_for = {"ft": None, "crispedit-eigen-full-rotations": full}
     times: dict[str, list[float]] = {k: [] for k in variants}
+    setup_s: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(a.rounds):
         for name, cfg in variants.items():
-            res = edit(model, tok, batch, targets, cfg, projectors=projectors_for.get(name, projs), progress=False)
-            times[name] += res.step_seconds[1:]  # the first step warms up
+            t = time.perf_counter()
+            res = edit(model, tok, requests, targets, cfg, curvature=cur if cfg.method != "ft" else None,
+                       progress=False)
+            total = time.perf_counter() - t
+            times[name] += res.step_seconds[1:]
+            setup_s[name].append(total - sum(res.step_seconds))
             res.delta.revert(model)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    # Projection alone per step (rotation + mask + back-rotation, all targets): the grouped masked rotations
-    # the optimiser uses against full rotations, at a few γ.
-    g = {n: torch.randn(projs[n].shape) for n in targets}
+    st = {k: _spread(v) for k, v in times.items()}
+    med = {k: v["median"] for k, v in st.items()}
+    return {"step_seconds": st, "setup_seconds_per_run": setup_s,
+            "ratio_crispedit_over_ft_plain": med["crispedit"] / med["ft-plain"],
+            "ratio_crispedit_over_ft": med["crispedit"] / med["ft"],
+            "ratio_ft_over_ft_plain": med["ft"] / med["ft-plain"],
+            "sequences_per_step": min(base.batch_size, res.delta.record.get("training_sequences", 0)),
+            "requests": len(requests), "training_sequences": res.delta.record.get("training_sequences"),
+            "config": base.to_json()}
 
-    def per_step(fn) -> float:
-        fn()  # warm-up
-        t = time.perf_counter()
-        for _ in range(5):
-            fn()
-        return (time.perf_counter() - t) / 5
 
-    proj_s = {}
-    for gm in sorted({0.5, gamma, 0.99}):
-        ps = cur.projectors(gm, kind="kfac")
-        proj_s[str(gm)] = {
-            "masked": per_step(lambda: [P.unrotate_masked(P.rotate_masked(g[n])) for n, P in ps.items()]),
-            "full": per_step(lambda: [P.unrotate(P.rotate(g[n]) * P.M) for n, P in ps.items()]),
-        }
+def wall(a) -> dict:
+    """One whole edit with the defaults (run in a fresh process so that the peak memory is this edit's)."""
+    from crispedit.editing.config import EditConfig
+    from crispedit.editing.engine import edit
 
+    model, tok, cur, load_requests = _setup(a)
+    requests = load_requests(a.edits, limit=a.wall)
+    if a.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
-    res = edit(model, tok, requests, targets, EditConfig(), curvature=cur, progress=True)
-    wall = time.perf_counter() - t
-    out = {
-        "gamma": gamma,
-        "batch_size": a.batch_size,
-        "step_seconds_median": med,
-        "ratio_crispedit_eigen_over_ft": med["crispedit-eigen"] / med["ft"],
-        "ratio_crispedit_update_over_ft": med["crispedit-update"] / med["ft"],
-        "ratio_crispedit_eigen_full_rotations_over_ft": med["crispedit-eigen-full-rotations"] / med["ft"],
-        "projection_seconds_per_step": proj_s,
-        "edit_n": len(requests),
-        "edit_wall_seconds": wall,
-        "edit_steps": res.steps,
-        "edit_final_loss": res.epoch_losses[-1],
-        "threads": torch.get_num_threads(),
-    }
-    print(json.dumps(out, indent=2))
+    res = edit(model, tok, requests, cur.targets, EditConfig(), curvature=cur, progress=False)
+    seconds = time.perf_counter() - t
+    out = {"n": len(requests), "seconds": seconds, "steps": res.steps, "epochs": res.epochs, "stopped": res.stopped,
+           "final_loss": res.epoch_losses[-1], "training_sequences": res.delta.record.get("training_sequences"),
+           "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    if a.device.startswith("cuda"):
+        out["peak_cuda_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--curvature", required=True)
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--edits", default="../shared/data/counterfact/counterfact-edit.json")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--batch-requests", type=int, default=64, help="requests the timed steps draw from")
+    ap.add_argument("--steps", type=int, default=6, help="steps per run (the first is warm-up)")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--sizes", default="100", help="whole-edit sizes, comma list ('' for none)")
+    ap.add_argument("--wall", type=int, default=None, help=argparse.SUPPRESS)  # child mode
+    ap.add_argument("--out", default="benchmarks/results/bench_edit.json")
+    a = ap.parse_args()
+    if a.wall is not None:
+        print(json.dumps(wall(a)))
+        return
+    out = {"device": a.device, "dtype": a.dtype, "threads": torch.get_num_threads(), **steps(a), "whole_edits": []}
+    print(json.dumps({k: v for k, v in out.items() if k != "config"}, indent=1), flush=True)
+    for n in [int(x) for x in a.sizes.split(",") if x.strip()]:
+        cmd = [sys.executable, __file__, "--curvature", a.curvature, "--model", a.model, "--edits", a.edits,
+               "--device", a.device, "--dtype", a.dtype, "--wall", str(n)]
+        res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        row = json.loads(res.stdout.strip().splitlines()[-1])
+        out["whole_edits"].append(row)
+        print(json.dumps(row), flush=True)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=2) + "\n")
 

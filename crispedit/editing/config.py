@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-METHODS = ("crispedit", "ft", "adam-nscl")
+METHODS = ("crispedit", "ft", "adam-nscl", "lora", "locbf-ft")
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,9 @@ class EditConfig:
     seed: int = 0
     cache_prefix: bool = True
     target_logits: bool = True
+    loss_reduction: str = "token"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -42,6 +45,10 @@ class EditConfig:
         for c in self.contexts:
             if c not in ("raw", "qa", "chat"):
                 raise ValueError(f"unknown training context {c!r}; expected some of raw, qa, chat")
+        if self.loss_reduction not in ("token", "sequence"):
+            raise ValueError(f"loss_reduction must be 'token' or 'sequence', got {self.loss_reduction!r}")
+        if self.lora_rank < 1 or self.lora_alpha <= 0:
+            raise ValueError(f"lora_rank must be >= 1 and lora_alpha > 0, got {self.lora_rank}, {self.lora_alpha}")
         if int(self.prefixes) != self.prefixes or self.prefixes < 0:
             raise ValueError(f"prefixes must be a non-negative integer, got {self.prefixes}")
 

@@ -18,11 +18,12 @@ from crispedit.editing.batches import build_training
 from crispedit.editing.config import EditConfig
 from crispedit.editing.delta import EditDelta, materialize
 from crispedit.editing.forward import EditForward, per_sequence_mean
+from crispedit.editing.lora import LoRAAdam
 from crispedit.editing.optim import ProjectedAdam
 from crispedit.errors import CrispEditError, DivergenceError
 from crispedit.models.targets import weight_matrix
 
-PROJECTION_FOR_METHOD = {"crispedit": "kfac", "adam-nscl": "nscl", "ft": None}
+PROJECTION_FOR_METHOD = {"crispedit": "kfac", "adam-nscl": "nscl", "ft": None, "locbf-ft": None, "lora": None}
 
 
 @dataclass
@@ -73,8 +74,11 @@ def edit(model: nn.Module, tokenizer, requests: Sequence[EditRequest], targets: 
     base = {n: weight_matrix(m).clone() for n, m in modules.items()}
     base_fp = weights_fingerprint(model, targets)
     deltas = {n: torch.zeros(b.shape, dtype=torch.float32, device=device) for n, b in base.items()}
-    opt = ProjectedAdam({n: tuple(b.shape) for n, b in base.items()}, projectors, lr=cfg.lr,
-                        mode=cfg.projection_mode, device=device)
+    shapes = {n: tuple(b.shape) for n, b in base.items()}
+    if cfg.method == "lora":
+        opt = LoRAAdam(shapes, rank=cfg.lora_rank, alpha=cfg.lora_alpha, lr=cfg.lr, device=device, seed=cfg.seed)
+    else:
+        opt = ProjectedAdam(shapes, projectors, lr=cfg.lr, mode=cfg.projection_mode, device=device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     seqs, prefixes = build_training(model, tokenizer, requests, cfg.contexts, cfg.prefixes, cfg.seed)
     owner = [s.request for s in seqs]
@@ -106,18 +110,20 @@ def edit(model: nn.Module, tokenizer, requests: Sequence[EditRequest], targets: 
                 idx = order[s : s + cfg.batch_size]
                 ts = time.perf_counter()
                 nll, rows = fwd.token_nll(idx)
-                loss = nll.mean()
+                if cfg.loss_reduction == "sequence":  # each sequence counts once, whatever its target length
+                    loss = per_sequence_mean(nll, rows, len(idx)).mean()
+                else:
+                    loss = nll.mean()
                 step += 1
                 if not torch.isfinite(loss):
                     raise DivergenceError(f"step {step}: the edit loss is {float(loss)}")
                 grads = torch.autograd.grad(loss, [p for p, _ in params.values()])
                 gmats = {n: (g.T if params[n][1] else g) for n, g in zip(params, grads)}
-                updates = opt.step(gmats)
                 with torch.no_grad():
-                    for n, u in updates.items():
-                        if not torch.isfinite(u).all():
+                    opt.apply(gmats, deltas)
+                    for n in deltas:
+                        if not torch.isfinite(deltas[n]).all():
                             raise DivergenceError(f"step {step}: the update of {n} is not finite")
-                        deltas[n] -= u
                         weight_matrix(modules[n]).copy_(materialize(base[n], deltas[n]))
                 lv = float(loss.detach())
                 step_seconds.append(time.perf_counter() - ts)

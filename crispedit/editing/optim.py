@@ -62,5 +62,10 @@ class ProjectedAdam:
                 out[name] = self._adam(name, P(g))
         return out
 
+    def apply(self, grads: Mapping[str, torch.Tensor], deltas: dict[str, torch.Tensor]) -> None:
+        """One step: subtract the (projected) Adam update from each target's ΔW in place."""
+        for name, u in self.step(grads).items():
+            deltas[name] -= u
+
     def state_finite(self) -> bool:
         return all(math.isfinite(float(t.abs().sum())) for t in (*self.m.values(), *self.v.values()))
