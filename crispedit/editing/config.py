@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 METHODS = ("crispedit", "ft", "adam-nscl", "lora", "locbf-ft")
@@ -31,6 +32,8 @@ class EditConfig:
     loss_reduction: str = "token"
     lora_rank: int = 8
     lora_alpha: float = 16.0
+    max_kl: float | None = None
+    budget_samples: int = 32
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -49,6 +52,10 @@ class EditConfig:
             raise ValueError(f"loss_reduction must be 'token' or 'sequence', got {self.loss_reduction!r}")
         if self.lora_rank < 1 or self.lora_alpha <= 0:
             raise ValueError(f"lora_rank must be >= 1 and lora_alpha > 0, got {self.lora_rank}, {self.lora_alpha}")
+        if self.max_kl is not None and not (math.isfinite(self.max_kl) and self.max_kl > 0):
+            raise ValueError(f"max_kl must be a positive number of nats per token, got {self.max_kl}")
+        if self.budget_samples < 1:
+            raise ValueError(f"budget_samples must be >= 1, got {self.budget_samples}")
         if int(self.prefixes) != self.prefixes or self.prefixes < 0:
             raise ValueError(f"prefixes must be a non-negative integer, got {self.prefixes}")
 

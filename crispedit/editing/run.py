@@ -90,6 +90,9 @@ def run_edit(model, tokenizer, job: EditJob, out: str | Path, overwrite: bool = 
         res = edit(model, tokenizer, job.requests, targets, job.cfg, curvature=curvature, progress=progress)
         delta = res.delta
         step_losses, request_losses, diagnostics = res.step_losses, res.request_losses, res.diagnostics
+    budget = None
+    if job.cfg.max_kl is not None:
+        budget = apply_kl_budget(model, tokenizer, delta, job.cfg, curvature)
 
     record = {
         "model": getattr(model, "crispedit_display_name", None) or getattr(model.config, "_name_or_path", None),
@@ -107,6 +110,7 @@ def run_edit(model, tokenizer, job: EditJob, out: str | Path, overwrite: bool = 
         "step_losses": step_losses,
         "request_losses": request_losses,
         "diagnostics": diagnostics,
+        "kl_budget": budget,
         "seconds_edit": time.perf_counter() - t0,
     }
     with atomic_dir(out, overwrite=overwrite) as tmp:
@@ -116,3 +120,22 @@ def run_edit(model, tokenizer, job: EditJob, out: str | Path, overwrite: bool = 
         record["seconds_total"] = time.perf_counter() - t0
         (tmp / "run.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
+
+
+def apply_kl_budget(model, tokenizer, delta, cfg: EditConfig, curvature=None) -> dict[str, Any]:
+    """Back the applied edit off until KL(base ‖ edited) ≤ cfg.max_kl on held-out text: the held-out split of the
+    corpus the curvature was collected on (the embedded Wikipedia excerpt by default), which the curvature never
+    saw. Returns the certificate (also written into the delta's record)."""
+    from crispedit.data.corpus import build_corpus
+    from crispedit.editing.budget import enforce_kl_budget
+    from crispedit.evaluation.generation import pad_id_of
+
+    first = ((curvature.record.get("corpora") or [{}])[0] if curvature is not None else {}) or {}
+    source = None if first.get("source") in (None, "wikipedia") else first["source"]
+    heldout = build_corpus(tokenizer, source, n_samples=cfg.budget_samples, max_length=256, split="heldout",
+                           heldout_fraction=first.get("heldout_fraction", 0.1),
+                           split_seed=first.get("split_seed", 0), text_field=first.get("text_field", "text"))
+    cert = enforce_kl_budget(model, delta, heldout.sequences, cfg.max_kl, pad_id=pad_id_of(tokenizer))
+    cert["corpus"] = heldout.describe()
+    delta.record["kl_budget"] = cert
+    return cert
