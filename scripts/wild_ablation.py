@@ -1,17 +1,19 @@
-"""Ablation of the edit recipe, judged in the wild (issue: edits that hold in the wild).
+"""Edit runs judged in the wild: the ablations behind the defaults and the results tables.
 
-Each run edits the first N requests of each dev set with one configuration, evaluates the generated answers
-(WILD QA context, chat template, raw prompt; reliability on the edit prompt, generalisation on the rephrase,
-locality on the neighbourhood/NQ prompt against the base model), held-out perplexity and KL, and reverts the
-edit bit-exactly before the next run. One model load, one curvature cache for all layers (any subset is selected
-from it), the base model's generations memoised across runs. Results: one JSON per (run, data set) in OUT; finished
-ones are skipped, so the script can be stopped and restarted.
+Each run edits the first N requests of each data set with one configuration, evaluates the generated answers (the
+WILD QA context, the chat template, the raw prompt; reliability on the edit prompt, generalisation on the rephrase,
+locality on the neighbourhood/NQ prompt against the base model), held-out perplexity and KL (and, if asked, MMLU/ARC
+samples), and reverts the edit bit-exactly before the next run. One model load, one curvature cache for all layers
+(any subset is selected from it), the base model's generations memoised across runs. Results go to OUT, one JSON per
+(run, data set), or with --jsonl one line each in one file; finished runs are skipped, so the script can be stopped
+and restarted.
 
-    python scripts/wild_ablation.py --cache runs/cache-all --runs scripts/ablation_runs.json --out runs/ablate \\
+    python scripts/wild_ablation.py --cache runs/cache-all --runs scripts/runs/ablation.json --out runs/ablate \\
         --data cf=../shared/data/counterfact/counterfact-edit.json:100 --data zsre=../shared/data/zsre/zsre_mend_800.json:100
 
-A run is a JSON object: {"name": ..., "layers": "model.layers.{10-12}.mlp.down_proj", plus any EditConfig field
-(method, gamma, lr, epochs, contexts, prefixes, ...)}; `max_kl` applies the KL budget after editing.
+A run is a JSON object: {"name": ..., "layers": "model.layers.{10-12}.mlp.down_proj" (default: the model type's
+defaults), "method": ..., any other EditConfig field (gamma, lr, epochs, contexts, prefixes, max_kl, ...)}; method
+"none" evaluates the base model itself.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+NOT_CONFIG = ("name", "layers", "note", "sequential", "chunk_size")
+
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -31,14 +35,50 @@ def parse_args():
     p.add_argument("--runs", required=True, help="JSON file: a list of runs")
     p.add_argument("--only", default=None, help="comma list of run names to do (default: all)")
     p.add_argument("--data", action="append", required=True, metavar="NAME=PATH:N")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="a folder (one JSON per run) or, with --jsonl, a .jsonl file")
+    p.add_argument("--jsonl", action="store_true", help="append one line per run to OUT instead")
+    p.add_argument("--slim", action="store_true", help="leave the per-request generations out of the results")
     p.add_argument("--heldout", type=int, default=32, help="held-out Wikipedia chunks for perplexity/KL")
     p.add_argument("--contexts", default="qa,chat,raw")
+    p.add_argument("--benchmarks", default="", help="e.g. mmlu,arc (200-question samples)")
+    p.add_argument("--benchmark-limit", type=int, default=200)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--gen-batch", type=int, default=32)
     return p.parse_args()
+
+
+class Results:
+    """Where finished runs are kept: a folder of JSON files or one JSONL file."""
+
+    def __init__(self, out: str, jsonl: bool):
+        self.path, self.jsonl = Path(out), jsonl
+        if jsonl:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.done = set()
+            if self.path.exists():
+                for line in self.path.read_text().splitlines():
+                    try:
+                        d = json.loads(line)
+                        self.done.add((d["run"]["name"], d["data"]))
+                    except (json.JSONDecodeError, KeyError):
+                        continue
+        else:
+            self.path.mkdir(parents=True, exist_ok=True)
+
+    def has(self, name: str, data: str) -> bool:
+        if self.jsonl:
+            return (name, data) in self.done
+        return (self.path / f"{name}__{data}.json").exists()
+
+    def add(self, record: dict) -> None:
+        if self.jsonl:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        else:
+            (self.path / f"{record['run']['name']}__{record['data']}.json").write_text(
+                json.dumps(record, indent=1) + "\n")
 
 
 def main() -> None:
@@ -49,6 +89,8 @@ def main() -> None:
     from crispedit.data.readers import load_requests
     from crispedit.editing.config import EditConfig
     from crispedit.editing.engine import edit
+    from crispedit.editing.run import apply_kl_budget
+    from crispedit.evaluation.benchmarks import run_mc_benchmark
     from crispedit.evaluation.capability import capability_metrics
     from crispedit.evaluation.edit_metrics import evaluate_edits
     from crispedit.evaluation.generation import pad_id_of
@@ -56,8 +98,7 @@ def main() -> None:
     from crispedit.models.loading import load_model
     from crispedit.models.targets import resolve_targets
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    results = Results(args.out, args.jsonl)
     runs = json.loads(Path(args.runs).read_text())
     if args.only:
         keep = set(args.only.split(","))
@@ -73,46 +114,57 @@ def main() -> None:
     heldout = build_corpus(tok, None, n_samples=args.heldout, max_length=256, split="heldout")
     memo: dict = {}
     contexts = tuple(args.contexts.split(","))
+    benches = [b for b in args.benchmarks.split(",") if b]
     for run in runs:
         for dname, requests in data.items():
-            dest = out / f"{run['name']}__{dname}.json"
-            if dest.exists():
+            if results.has(run["name"], dname):
                 continue
-            cfg_fields = {k: v for k, v in run.items() if k not in ("name", "layers", "max_kl", "note")}
-            cfg = EditConfig(**cfg_fields)
-            targets = resolve_targets(model, run.get("layers"))
-            cur = full.select(targets) if cfg.method != "ft" else None
+            method = run.get("method", "crispedit")
             t0 = time.perf_counter()
-            res = edit(model, tok, requests, targets, cfg, curvature=cur, progress=False)
+            res, budget, delta, targets = None, None, None, None
+            if method != "none":
+                cfg = EditConfig(**{k: v for k, v in run.items() if k not in NOT_CONFIG})
+                targets = resolve_targets(model, run.get("layers"))
+                cur = full.select(targets) if cfg.method in ("crispedit", "adam-nscl") else None
+                res = edit(model, tok, requests, targets, cfg, curvature=cur, progress=False)
+                delta = res.delta
+                if cfg.max_kl is not None:
+                    budget = apply_kl_budget(model, tok, delta, cfg, full)
             t_edit = time.perf_counter() - t0
-            budget = None
-            if run.get("max_kl") is not None:
-                from crispedit.editing.budget import enforce_kl_budget
-
-                budget = enforce_kl_budget(model, res.delta, heldout.sequences, float(run["max_kl"]),
-                                           pad_id=pad_id_of(tok))
             t1 = time.perf_counter()
-            em = evaluate_edits(model, tok, requests, base_model=base, teacher_forced=False,
-                                generated_contexts=contexts, generation_batch_size=args.gen_batch,
-                                show_progress=False, base_memo=memo)
+            edited_is_base = method == "none"
+            em = evaluate_edits(model, tok, requests, base_model=None if edited_is_base else base,
+                                teacher_forced=False, generated_contexts=contexts,
+                                generation_batch_size=args.gen_batch, show_progress=False, base_memo=memo)
             t_eval = time.perf_counter() - t1
-            cap = capability_metrics(base, model, heldout.sequences, 8, False, pad_id_of(tok))
-            rep = build_report(edit=em, capability=cap.to_json(), config=run)
-            res.delta.revert(model)
-            record = {"run": run, "data": dname, "n": len(requests), "targets": targets,
-                      "summary": rep.summary, "steps": res.steps, "stopped": res.stopped,
-                      "final_loss": res.epoch_losses[-1] if res.epoch_losses else None,
+            cap = capability_metrics(base, None if edited_is_base else model, heldout.sequences, 8, False,
+                                     pad_id_of(tok))
+            bench = {b: run_mc_benchmark(b, model, tok, args.benchmark_limit, 0, None, 16) for b in benches}
+            rep = build_report(edit=em, capability=cap.to_json(), benchmarks=bench, config=run)
+            if delta is not None:
+                delta.revert(model)
+            record = {"run": run, "data": dname, "n": len(requests), "targets": targets, "summary": rep.summary,
+                      "steps": res.steps if res else 0, "stopped": res.stopped if res else None,
+                      "final_loss": res.epoch_losses[-1] if res and res.epoch_losses else None,
                       "edit_seconds": t_edit, "eval_seconds": t_eval, "budget": budget,
-                      "training_sequences": res.delta.record.get("training_sequences"),
-                      "forward": res.delta.record.get("forward"),
-                      "per_request": em["per_request"]}
-            dest.write_text(json.dumps(record, indent=1) + "\n")
+                      "training_sequences": delta.record.get("training_sequences") if delta else None,
+                      "forward": delta.record.get("forward") if delta else None,
+                      "diagnostics": delta.record.get("diagnostics") if delta else None,
+                      "device": args.device, "dtype": args.dtype}
+            if not args.slim:
+                record["per_request"] = em["per_request"]
+            results.add(record)
             s = rep.summary
-            print(f"{run['name']:>28s} {dname:5s} rel qa {s.get('reliability_gen_qa'):.2f} chat "
-                  f"{s.get('reliability_gen_chat_contains'):.2f} raw {s.get('reliability_gen_raw'):.2f} | gen qa "
-                  f"{s.get('generalization_gen_qa_contains'):.2f} | loc1 qa {s.get('locality_gen_qa_first_token'):.2f}"
+
+            def f(k):
+                v = s.get(k)
+                return "  – " if v is None else f"{v:.2f}"
+
+            print(f"{run['name']:>28s} {dname:5s} rel qa {f('reliability_gen_qa')} chat "
+                  f"{f('reliability_gen_chat_contains')} raw {f('reliability_gen_raw')} | gen qa "
+                  f"{f('generalization_gen_qa_contains')} | loc1 qa {f('locality_gen_qa_first_token')}"
                   f" | ppl {s.get('perplexity_increase_pct'):+.1f}% KL {s.get('kl_nats_per_token'):.3f} | "
-                  f"{res.steps} steps {t_edit:.0f}+{t_eval:.0f} s", flush=True)
+                  f"{res.steps if res else 0} steps {t_edit:.0f}+{t_eval:.0f} s", flush=True)
 
 
 if __name__ == "__main__":

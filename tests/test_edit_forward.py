@@ -157,3 +157,21 @@ def test_short_edit_gives_the_same_delta_with_and_without_shortcuts(byte_bpe_tok
     for n in targets:
         assert deltas[0][n].norm() > 0
         assert torch.allclose(deltas[0][n], deltas[1][n], rtol=1e-6, atol=1e-9)
+
+
+def test_epoch_batches_cover_every_sequence_once_and_group_lengths():
+    from crispedit.editing.engine import epoch_batches
+
+    rng = random.Random(0)
+    lengths = [rng.choice([8, 20, 40]) + rng.randrange(3) for _ in range(100)]
+    plain = epoch_batches(lengths, 8, torch.Generator().manual_seed(1), window=0)
+    grouped = epoch_batches(lengths, 8, torch.Generator().manual_seed(1), window=4)
+    for batches in (plain, grouped):
+        flat = [i for b in batches for i in b]
+        assert sorted(flat) == list(range(100)) and all(1 <= len(b) <= 8 for b in batches)
+
+    def padding(batches):
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+
+    assert padding(grouped) < 0.5 * padding(plain)
+    assert grouped == epoch_batches(lengths, 8, torch.Generator().manual_seed(1), window=4)  # seeded

@@ -32,6 +32,7 @@ class EditConfig:
     loss_reduction: str = "token"
     lora_rank: int = 8
     lora_alpha: float = 16.0
+    length_window: int = 4
     max_kl: float | None = None
     budget_samples: int = 32
 
@@ -54,6 +55,8 @@ class EditConfig:
             raise ValueError(f"lora_rank must be >= 1 and lora_alpha > 0, got {self.lora_rank}, {self.lora_alpha}")
         if self.max_kl is not None and not (math.isfinite(self.max_kl) and self.max_kl > 0):
             raise ValueError(f"max_kl must be a positive number of nats per token, got {self.max_kl}")
+        if self.length_window < 0:
+            raise ValueError(f"length_window must be >= 0, got {self.length_window}")
         if self.budget_samples < 1:
             raise ValueError(f"budget_samples must be >= 1, got {self.budget_samples}")
         if int(self.prefixes) != self.prefixes or self.prefixes < 0:

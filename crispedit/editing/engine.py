@@ -82,6 +82,7 @@ def edit(model: nn.Module, tokenizer, requests: Sequence[EditRequest], targets: 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     seqs, prefixes = build_training(model, tokenizer, requests, cfg.contexts, cfg.prefixes, cfg.seed)
     owner = [s.request for s in seqs]
+    lengths = [len(s.pair.input_ids) for s in seqs]
     gen = torch.Generator().manual_seed(cfg.seed)
     fwd = EditForward(model, targets, [s.pair for s in seqs], pad_id, cache_prefix=cfg.cache_prefix,
                       logits_at_targets=cfg.target_logits)
@@ -103,11 +104,9 @@ def edit(model: nn.Module, tokenizer, requests: Sequence[EditRequest], targets: 
             p.requires_grad_(True)
         bar = tqdm(range(cfg.epochs), desc=f"edit ({cfg.method})", disable=not progress, unit="epoch")
         for epoch in bar:
-            order = torch.randperm(len(seqs), generator=gen).tolist()
             per_seq_loss = [math.nan] * len(seqs)
             batch_losses = []
-            for s in range(0, len(order), cfg.batch_size):
-                idx = order[s : s + cfg.batch_size]
+            for idx in epoch_batches(lengths, cfg.batch_size, gen, cfg.length_window):
                 ts = time.perf_counter()
                 nll, rows = fwd.token_nll(idx)
                 if cfg.loss_reduction == "sequence":  # each sequence counts once, whatever its target length
@@ -176,6 +175,23 @@ def edit(model: nn.Module, tokenizer, requests: Sequence[EditRequest], targets: 
     delta.record["diagnostics"] = diag
     return EditResult(delta, step_losses, epoch_losses, request_losses, step_seconds, step, len(epoch_losses),
                       stopped, seconds, diag)
+
+
+def epoch_batches(lengths: Sequence[int], batch_size: int, gen: torch.Generator, window: int = 0) -> list[list[int]]:
+    """One epoch's batches: a random order (breadth-first, every sequence once); with `window` > 1, each run of
+    `window` batches is sorted by length before it is cut, and the batches are shuffled again, so a batch holds
+    sequences of similar length (less padding: training contexts differ in length by a factor of ~4) while every
+    batch stays a random draw from a random window."""
+    order = torch.randperm(len(lengths), generator=gen).tolist()
+    if window <= 1:
+        return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    span = batch_size * window
+    batches = []
+    for w in range(0, len(order), span):
+        part = sorted(order[w:w + span], key=lambda i: lengths[i])
+        batches += [part[s:s + batch_size] for s in range(0, len(part), batch_size)]
+    perm = torch.randperm(len(batches), generator=gen).tolist()
+    return [batches[i] for i in perm]
 
 
 def _per_request(per_seq: list[float], owner: list[int], n: int) -> list[float]:
