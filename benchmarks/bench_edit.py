@@ -37,8 +37,13 @@ def _setup(a):
     from crispedit.data.readers import load_requests
     from crispedit.models.loading import load_model
 
+    from crispedit.models.targets import resolve_targets
+
     model, tok = load_model(a.model, device=a.device, dtype=a.dtype)
     cur = Curvature.load(a.curvature, device="cpu")
+    targets = resolve_targets(model, a.layers)
+    if cur.targets != targets:  # a cache over more layers serves the chosen ones
+        cur = cur.select(targets)
     return model, tok, cur, load_requests
 
 
@@ -49,8 +54,8 @@ def steps(a) -> dict:
     model, tok, cur, load_requests = _setup(a)
     requests = load_requests(a.edits, limit=a.batch_requests)
     targets = cur.targets
-    base = EditConfig()
-    common = dict(epochs=a.steps, early_stop_loss=1e-9, max_steps=a.steps)
+    base = EditConfig(**a.overrides)
+    common = dict(a.overrides, epochs=a.steps, early_stop_loss=1e-9, max_steps=a.steps)
     variants = {
         "ft-plain": EditConfig(method="ft", cache_prefix=False, target_logits=False, **common),
         "ft": EditConfig(method="ft", **common),
@@ -88,7 +93,7 @@ def wall(a) -> dict:
     if a.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
-    res = edit(model, tok, requests, cur.targets, EditConfig(), curvature=cur, progress=False)
+    res = edit(model, tok, requests, cur.targets, EditConfig(**a.overrides), curvature=cur, progress=False)
     seconds = time.perf_counter() - t
     out = {"n": len(requests), "seconds": seconds, "steps": res.steps, "epochs": res.epochs, "stopped": res.stopped,
            "final_loss": res.epoch_losses[-1], "training_sequences": res.delta.record.get("training_sequences"),
@@ -103,6 +108,8 @@ def main() -> None:
     ap.add_argument("--curvature", required=True)
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--edits", default="../shared/data/counterfact/counterfact-edit.json")
+    ap.add_argument("--layers", default=None, help="target layers (default: the model type's defaults)")
+    ap.add_argument("--recipe", default=None, help="a run JSON (EditConfig fields + layers) instead of the defaults")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--batch-requests", type=int, default=64, help="requests the timed steps draw from")
@@ -112,6 +119,11 @@ def main() -> None:
     ap.add_argument("--wall", type=int, default=None, help=argparse.SUPPRESS)  # child mode
     ap.add_argument("--out", default="benchmarks/results/bench_edit.json")
     a = ap.parse_args()
+    a.overrides = {}
+    if a.recipe:
+        run = json.loads(Path(a.recipe).read_text())
+        a.layers = a.layers or run.get("layers")
+        a.overrides = {k: v for k, v in run.items() if k not in ("name", "layers", "method", "note", "max_kl")}
     if a.wall is not None:
         print(json.dumps(wall(a)))
         return
@@ -119,13 +131,19 @@ def main() -> None:
     print(json.dumps({k: v for k, v in out.items() if k != "config"}, indent=1), flush=True)
     for n in [int(x) for x in a.sizes.split(",") if x.strip()]:
         cmd = [sys.executable, __file__, "--curvature", a.curvature, "--model", a.model, "--edits", a.edits,
-               "--device", a.device, "--dtype", a.dtype, "--wall", str(n)]
+               "--device", a.device, "--dtype", a.dtype, "--wall", str(n)] + (["--layers", a.layers] if a.layers else []) \
+            + (["--recipe", a.recipe] if a.recipe else [])
+        _write(a.out, out)  # what is measured so far survives an interrupted run
         res = subprocess.run(cmd, capture_output=True, text=True, check=True)
         row = json.loads(res.stdout.strip().splitlines()[-1])
         out["whole_edits"].append(row)
         print(json.dumps(row), flush=True)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(out, indent=2) + "\n")
+    _write(a.out, out)
+
+
+def _write(path: str, out: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(out, indent=2) + "\n")
 
 
 if __name__ == "__main__":
