@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import save_tiny_model
 from crispedit.cli import main
 from crispedit.curvature.cache import RECORD
 
@@ -20,19 +21,6 @@ WORDS = ("the cat sat on a mat and Paris is the capital of France while Rome has
          "Shakespeare wrote Hamlet answer question yes no").split()
 DOWN = ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
 BASE = ["--corpus", "{corpus}", "--max-length", "24", "--samples", "6", "--batch-size", "4"]
-
-
-def save_tiny_model(folder: Path, tokenizer, seed: int) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
-                      eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
-    torch.manual_seed(seed)
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
