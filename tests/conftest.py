@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -103,3 +105,36 @@ def head_blocks(M: torch.Tensor, head) -> dict[str, torch.Tensor]:
     """The per-weight diagonal blocks of a curvature matrix over (fc2.weight, fc3.weight)."""
     n2 = head.fc2.weight.numel()
     return {"fc2": M[:n2, :n2], "fc3": M[n2:, n2:]}
+
+
+# ------------------------------------------------------------------ the CLI, in-process
+
+
+@pytest.fixture
+def cli(capsys):
+    """cli(*args) -> (exit status, stdout, stderr) of `crispedit ARGS`, run in-process."""
+    from crispedit.cli import main
+
+    def run(*args: str | Path) -> tuple[int, str, str]:
+        with pytest.raises(SystemExit) as e:
+            main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return e.value.code, out, err
+
+    return run
+
+
+def error_lines(err: str) -> list[str]:
+    """stderr lines that are not progress bars."""
+    lines = [seg.strip() for line in err.splitlines() for seg in line.split("\r")]
+    return [ln for ln in lines if ln and "it/s]" not in ln and "batch/s]" not in ln and "?it/s" not in ln]
+
+
+def assert_user_error(code: int, err: str, *fragments: str) -> None:
+    """One line `crispedit: error: ...` holding every fragment, exit status 2, no traceback."""
+    lines = error_lines(err)
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("crispedit: error: "), lines
+    assert "Traceback" not in err
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])

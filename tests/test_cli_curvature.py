@@ -11,10 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from conftest import save_tiny_model
-from crispedit.cli import main
+from conftest import assert_user_error, save_tiny_model
 from crispedit.curvature.cache import RECORD
 
 WORDS = ("the cat sat on a mat and Paris is the capital of France while Rome has the Colosseum "
@@ -35,37 +33,9 @@ def world(tmp_path_factory, byte_bpe_tokenizer) -> dict[str, Path]:
             "corpus": corpus}
 
 
-@pytest.fixture
-def cli(capsys):
-    """cli(*args) -> (exit status, stdout, stderr)."""
-
-    def run(*args: str | Path) -> tuple[int, str, str]:
-        with pytest.raises(SystemExit) as e:
-            main([str(a) for a in args])
-        out, err = capsys.readouterr()
-        return e.value.code, out, err
-
-    return run
-
-
 def curvature_args(world, out: Path, *extra: str) -> list[str]:
     base = [a.format(corpus=world["corpus"]) for a in BASE]
     return ["curvature", "--model", str(world["model"]), *base, "--out", str(out), *extra]
-
-
-def error_lines(err: str) -> list[str]:
-    """stderr lines that are not progress bars."""
-    lines = [seg.strip() for line in err.splitlines() for seg in line.split("\r")]
-    return [ln for ln in lines if ln and "it/s]" not in ln and "batch/s]" not in ln and "?it/s" not in ln]
-
-
-def assert_user_error(code: int, err: str, *fragments: str) -> None:
-    lines = error_lines(err)
-    assert code == 2, err
-    assert len(lines) == 1 and lines[0].startswith("crispedit: error: "), lines
-    assert "Traceback" not in err
-    for f in fragments:
-        assert f in lines[0], (f, lines[0])
 
 
 def record(path: Path) -> dict:

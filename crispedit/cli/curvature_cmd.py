@@ -148,7 +148,8 @@ def run_curvature(args: argparse.Namespace) -> int:
         else:
             targets = resolve_targets(model, cfg.targets)
             corpus = build_corpus(tokenizer, corpus_cfg.source, corpus_cfg.n_samples, corpus_cfg.max_length,
-                                  cfg.seed, corpus_cfg.heldout_fraction, "train", text_field=corpus_cfg.text_field)
+                                  cfg.seed, corpus_cfg.heldout_fraction, "train", text_field=corpus_cfg.text_field,
+                                  progress=progress)
             echo(f"collecting curvature of {len(targets)} target(s) over {corpus.n_samples} sequences "
                  f"({corpus.n_tokens:,} tokens) of {corpus.source}, {cfg.labels} labels")
             t_collect = time.perf_counter()

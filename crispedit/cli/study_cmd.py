@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.which != "mnist":
         raise UsageError(f"unknown study {args.which!r}")
-    res = run_study(args.out, quick=args.quick, threads=args.threads)
+    res = run_study(args.out, quick=args.quick, progress=True, threads=args.threads)
     echo(f"{len(res.get('points', []))} points → {args.out}/study_mnist.json (+ study_mnist.png)")
     return 0
 
