@@ -136,7 +136,7 @@ def option(default: Any = MISSING, help: str = "", *, flag: str | None = None, a
            low: float | None = None, high: float | None = None, low_open: bool = False, high_open: bool = False,
            choices: tuple[str, ...] | None = None, cli_choices: tuple[str, ...] | None = None, cli: bool = True,
            metavar: str | None = None, const_flags: Mapping[str, Any] | None = None, type: Any = None,
-           off_help: str | None = None) -> Any:
+           off_help: str | None = None, noun: str | None = None) -> Any:
     """A dataclass field with its documentation and constraints in `metadata`.
 
     Args:
@@ -153,10 +153,12 @@ def option(default: Any = MISSING, help: str = "", *, flag: str | None = None, a
         type: the value type when the annotation is not a simple one (`str`, `int`, `float`, `bool`, an enum,
             their `| None` and `tuple[..., ...]` forms).
         off_help: for a field that defaults to True, the help of its `--no-...` flag.
+        noun: what one value is called in messages ("unknown training context 'wild'"; default "value").
     """
     meta = {"help": help, "flag": flag, "aliases": tuple(aliases), "low": low, "high": high,
             "low_open": low_open, "high_open": high_open, "choices": choices, "cli_choices": cli_choices, "cli": cli,
-            "metavar": metavar, "const_flags": dict(const_flags or {}), "type": type, "off_help": off_help}
+            "metavar": metavar, "const_flags": dict(const_flags or {}), "type": type, "off_help": off_help,
+            "noun": noun}
     if isinstance(default, (list, dict, set)):
         raise TypeError("use a tuple (immutable) as a config default")
     return dataclasses.field(default=default, metadata=meta)
@@ -187,7 +189,7 @@ class FieldSpec:
         """What values are allowed, e.g. 'a positive integer', 'a number in (0, 1]'."""
         lo, hi = self.meta.get("low"), self.meta.get("high")
         if self.kind is int and hi is None and lo in (0, 1):
-            return "a positive integer" if lo == 1 else "an integer >= 0"
+            return "a positive integer" if lo == 1 else "a non-negative integer"
         if self.kind is float and hi is None and lo == 0 and self.meta.get("low_open"):
             return "a positive number"
         if lo is not None and hi is not None:
@@ -246,12 +248,13 @@ def _scalar(spec: FieldSpec, value: Any) -> Any:
     """One value converted to the field's kind and checked; raises ValueError with a message sans field name."""
     kind = spec.kind
     if issubclass(kind, Choice):
+        noun = spec.meta.get("noun") or "value"
         try:
             value = kind(str(value.value if isinstance(value, enum.Enum) else value))
         except ValueError:
-            raise ValueError(f"unknown value {str(value)!r}; expected one of {', '.join(spec.allowed or ())}") from None
+            raise ValueError(f"unknown {noun} {str(value)!r}; expected one of {', '.join(spec.allowed or ())}") from None
         if spec.allowed and value.value not in spec.allowed:
-            raise ValueError(f"unknown value {value.value!r}; expected one of {', '.join(spec.allowed)}")
+            raise ValueError(f"unknown {noun} {value.value!r}; expected one of {', '.join(spec.allowed)}")
         return value
     if kind is bool:
         if not isinstance(value, bool):
@@ -339,7 +342,8 @@ class ConfigBase:
             try:
                 checked = check_value(spec, value)
             except ValueError as e:
-                raise ConfigError(f"{type(self).__name__}.{spec.name}: {e}", field=spec.name, value=value) from None
+                sep = " " if str(e).startswith("must") else ": "  # "X.gamma must be ...", "X.method: unknown ..."
+                raise ConfigError(f"{type(self).__name__}.{spec.name}{sep}{e}", field=spec.name, value=value) from None
             if checked is not value:
                 object.__setattr__(self, spec.name, checked)
         self._validate()
@@ -521,7 +525,8 @@ class EditConfig(ConfigBase):
     max_steps: int | None = option(None, "stop after this many steps", low=1)
     contexts: tuple[Context, ...] = option((Context.RAW,), "training contexts: each edit is trained under each of "
                                            "raw, qa (the WILD QA context), chat (the chat template) (comma list)",
-                                           choices=("raw", "qa", "chat"), const_flags={"--chat-template": ("chat",)})
+                                           choices=("raw", "qa", "chat"), const_flags={"--chat-template": ("chat",)},
+                                           noun="training context")
     prefixes: int = option(0, "model-written prefixes per request (ROME's context templates) put before the raw "
                               "prompt", low=0)
     seed: int = option(0, "seed of the request order and the prefixes")

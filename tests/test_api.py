@@ -99,7 +99,7 @@ def test_readme_python_example_runs_verbatim(tiny_world, capsys):
     out = capsys.readouterr().out
     assert "A top-1" in out and "model.layers.0.mlp.down_proj" in out  # cur.summary()
     report = namespace["report"]
-    assert report.summary["reliability"] is not None and report.summary["kl_nats_per_token"] >= 0.0
+    assert report.summary["reliability_gen_qa"] is not None and report.summary["kl_nats_per_token"] >= 0.0
     assert namespace["res"].steps > 0
     # The revert at the end restores the base model bit for bit.
     model, fresh = namespace["model"], load_model(str(folder))[0]
@@ -147,7 +147,7 @@ def test_edit_model_checks_method_targets_and_weights(tiny_world):
                               targets="model.layers.0.mlp.down_proj")
     assert ft.delta.targets == ["model.layers.0.mlp.down_proj"]
     with pytest.raises(crispedit.ConfigError, match="chat template"):
-        crispedit.edit_model(model, tok, requests, cur, crispedit.EditConfig(context="chat"))
+        crispedit.edit_model(model, tok, requests, cur, crispedit.EditConfig(contexts=("chat",)))
 
 
 def test_extend_from_corpus_adds_only_unseen_sequences(tiny_world):

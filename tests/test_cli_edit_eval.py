@@ -95,7 +95,7 @@ def test_edit_eval_compare_end_to_end(world, cli, tmp_path):
         code, out, err = cli(*eval_args(world, model, report, "--label", name))
         assert code == 0, err
         rep = json.loads(report.read_text())
-        assert rep["config"]["label"] == name and rep["summary"]["reliability"] is not None
+        assert rep["config"]["label"] == name and rep["summary"]["reliability_tf"] is not None
         assert rep["summary"]["perplexity_base"] > 0 and rep["eval_config"]["generated_contexts"] == ["raw"]
         assert "report →" in out
         reports.append(report)
@@ -106,7 +106,8 @@ def test_edit_eval_compare_end_to_end(world, cli, tmp_path):
     code, _, err = cli(*eval_args(world, crisp, tmp_path / "delta.json", "--delta", crisp / "delta"))
     assert code == 0, err
     a, b = (json.loads(p.read_text())["summary"] for p in (tmp_path / "delta.json", reports[0]))
-    assert a["reliability"] == b["reliability"] and a["kl_nats_per_token"] == pytest.approx(b["kl_nats_per_token"])
+    assert a["reliability_tf"] == b["reliability_tf"] and a["reliability_gen_raw"] == b["reliability_gen_raw"]
+    assert a["kl_nats_per_token"] == pytest.approx(b["kl_nats_per_token"])
 
     code, out, err = cli("compare", *reports, "--plot", tmp_path / "tradeoff.png", "--out", tmp_path / "table.md")
     assert code == 0, err
@@ -145,8 +146,9 @@ def test_sequential_edit_and_resume(world, cli, tmp_path):
 @pytest.mark.parametrize("extra, fragments", [
     (["--gamma", "1"], ["argument --gamma", "(0, 1)"]),
     (["--method", "rome"], ["argument --method", "invalid choice"]),
-    (["--context", "qa"], ["argument --context", "invalid choice"]),
+    (["--contexts", "raw,wild"], ["argument --contexts", "unknown training context 'wild'"]),
     (["--chat-template"], ["'chat' needs a tokenizer with a chat template"]),
+    (["--contexts", "qa", "--prefixes", "-1"], ["argument --prefixes", "non-negative integer"]),
     (["--layers", DOWN[0]], ["--layers model.layers.0.mlp.down_proj selects", "the curvature cache covers"]),
     (["--resume"], ["--resume continues a sequential state"]),
     (["--limit", "0"], ["argument --limit", "positive integer"]),
@@ -180,7 +182,7 @@ def test_eval_bad_uses(world, cli, tmp_path):
     code, _, err = cli(*eval_args(world, world["model"], tmp_path / "r.json", "--lm-eval-tasks", "arc_easy"))
     assert_user_error(code, err, "install the `eval` extra")
     code, _, err = cli(*eval_args(world, world["model"], tmp_path / "r.json", "--heldout-samples", "-1"))
-    assert_user_error(code, err, "argument --heldout-samples", "integer >= 0")
+    assert_user_error(code, err, "argument --heldout-samples", "non-negative integer")
     assert listing(tmp_path) == []
 
 

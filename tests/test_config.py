@@ -49,7 +49,7 @@ def test_unknown_keys_warn_and_are_dropped_missing_keys_take_defaults():
 
 
 def test_save_and_load_a_config_file(tmp_path):
-    cfg = C.EditConfig(method="ft", lr=1e-3, context="chat")
+    cfg = C.EditConfig(method="lora", lr=1e-3, contexts=("chat", "qa"), loss_reduction="sequence")
     assert C.EditConfig.load(cfg.save(tmp_path / "edit.json")) == cfg
     with pytest.raises(CrispEditError, match="config file not found"):
         C.EditConfig.load(tmp_path / "nope.json")
@@ -60,12 +60,15 @@ def test_save_and_load_a_config_file(tmp_path):
     (C.EditConfig, {"method": "rome"}, ["EditConfig.method", "'rome'", "crispedit, ft, adam-nscl"]),
     (C.EditConfig, {"epochs": 0}, ["EditConfig.epochs", "positive integer", "got 0"]),
     (C.EditConfig, {"lr": -1.0}, ["EditConfig.lr", "positive number"]),
-    (C.EditConfig, {"context": "qa"}, ["EditConfig.context", "'qa'", "raw, chat"]),
+    (C.EditConfig, {"contexts": ("raw", "wild")}, ["EditConfig.contexts", "unknown training context 'wild'",
+                                                  "raw, qa, chat"]),
+    (C.EditConfig, {"prefixes": -1}, ["EditConfig.prefixes must be a non-negative integer, got -1"]),
+    (C.EditConfig, {"contexts": (), "prefixes": 0}, ["no training sequences"]),
     (C.EditConfig, {"batch_size": 2.5}, ["EditConfig.batch_size", "2.5"]),
     (C.EditConfig, {"gamma": "0.9"}, ["EditConfig.gamma", "'0.9'"]),
     (C.CurvatureConfig, {"labels": "mcc"}, ["CurvatureConfig.labels", "'mcc'", "sampled, empirical, exact"]),
     (C.CurvatureConfig, {"sink_energy": 0.0}, ["CurvatureConfig.sink_energy", "(0, 1]"]),
-    (C.CurvatureConfig, {"sink_tokens": -1}, ["CurvatureConfig.sink_tokens", "integer >= 0"]),
+    (C.CurvatureConfig, {"sink_tokens": -1}, ["CurvatureConfig.sink_tokens", "non-negative integer"]),
     (C.CurvatureConfig, {"mc_samples": None}, ["CurvatureConfig.mc_samples", "None"]),
     (C.CorpusConfig, {"heldout_fraction": 1.0}, ["CorpusConfig.heldout_fraction", "[0, 1)"]),
     (C.EvalConfig, {"benchmarks": ("mmlu", "gsm8k")}, ["EvalConfig.benchmarks", "'gsm8k'"]),
@@ -130,8 +133,11 @@ def test_generated_options_use_the_dataclass_defaults_and_checks():
     args = _parse(C.EditConfig, [])
     assert config_from_args(args, C.EditConfig) == C.EditConfig() and given(args, C.EditConfig) == {}
     args = _parse(C.EditConfig, ["--gamma", "0.5", "--method", "ft", "--chat-template", "--max-steps", "none"])
-    assert config_from_args(args, C.EditConfig) == C.EditConfig(gamma=0.5, method="ft", context="chat")
-    assert given(args, C.EditConfig) == {"gamma": 0.5, "method": "ft", "context": "chat", "max_steps": None}
+    assert config_from_args(args, C.EditConfig) == C.EditConfig(gamma=0.5, method="ft", contexts=("chat",))
+    assert given(args, C.EditConfig) == {"gamma": 0.5, "method": "ft", "contexts": ("chat",), "max_steps": None}
+    args = _parse(C.EditConfig, ["--contexts", "raw,qa", "--no-cache-prefix", "--loss-reduction", "sequence"])
+    assert config_from_args(args, C.EditConfig) == C.EditConfig(contexts=("raw", "qa"), cache_prefix=False,
+                                                                loss_reduction="sequence")
     with pytest.raises(CrispEditError, match="argument --gamma: must be in \\(0, 1\\), got 1.5"):
         _parse(C.EditConfig, ["--gamma", "1.5"])
     args = _parse(C.EvalConfig, ["--contexts", "raw,chat", "--benchmarks", "none", "--no-teacher-forced"])
@@ -158,7 +164,7 @@ def test_cli_help_lists_the_generated_flags_with_their_defaults():
 
     parser, specs = build_parser(commands())
     help_text = specs["edit"].parser.format_help()
-    for flag in ("--gamma", "--method", "--projection-mode", "--context", "--chat-template", "--layers",
+    for flag in ("--gamma", "--method", "--projection-mode", "--contexts", "--chat-template", "--layers",
                  "--curvature", "--no-save-model", "--limit", "--format"):
         assert flag in help_text, flag
     assert "(default: 0.9)" in help_text and "(default: crispedit)" in help_text
