@@ -114,8 +114,9 @@ def add_config_options(p: argparse.ArgumentParser, cls: type, *, only: Sequence[
         action = p.add_argument(*names, **kw)
         action.crispedit_field = spec  # type: ignore[attr-defined]
         for const_flag, value in meta.get("const_flags", {}).items():
+            shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
             alias = p.add_argument(const_flag, dest=spec.name, action="store_const", const=value, default=default,
-                                   help=f"the same as {flag} {value}")
+                                   help=f"the same as {flag} {shown}")
             alias.crispedit_field = spec  # type: ignore[attr-defined]
 
 
