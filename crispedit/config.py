@@ -548,6 +548,9 @@ class EditConfig(ConfigBase):
         if self.method not in PROJECTION_FOR_METHOD:
             raise ConfigError(f"EditConfig.method {self.method!r} has no projection rule", field="method",
                               value=self.method)
+        if self.max_kl is not None and not math.isfinite(self.max_kl):
+            raise ConfigError(f"EditConfig.max_kl must be a positive number of nats per token, got {self.max_kl}",
+                              field="max_kl", value=self.max_kl)
         if not self.contexts and self.prefixes == 0:
             raise ConfigError("EditConfig.contexts is empty and prefixes is 0: no training sequences",
                               field="contexts", value=self.contexts)

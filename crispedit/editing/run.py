@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from crispedit.config import LAYERS_HELP, EditConfig, option
+from crispedit.config import LAYERS_HELP, CorpusConfig, EditConfig, option
 from crispedit.data.records import EditRequest
 from crispedit.errors import ConfigError, CrispEditError, OutputExistsError
 from crispedit.io import atomic_dir
@@ -234,9 +234,10 @@ def apply_kl_budget(model, tokenizer, delta, cfg: EditConfig, curvature=None) ->
 
     first = ((curvature.record.get("corpora") or [{}])[0] if curvature is not None else {}) or {}
     source = None if first.get("source") in (None, "wikipedia") else first["source"]
-    heldout = build_corpus(tokenizer, source, n_samples=cfg.budget_samples, max_length=256, split="heldout",
-                           heldout_fraction=first.get("heldout_fraction", 0.1),
-                           split_seed=first.get("split_seed", 0), text_field=first.get("text_field", "text"))
+    defaults = CorpusConfig()
+    heldout = build_corpus(tokenizer, source, n_samples=cfg.budget_samples, max_length=defaults.max_length,
+                           split="heldout", heldout_fraction=first.get("heldout_fraction", defaults.heldout_fraction),
+                           split_seed=first.get("split_seed", 0), text_field=first.get("text_field", defaults.text_field))
     cert = enforce_kl_budget(model, delta, heldout.sequences, cfg.max_kl, pad_id=pad_id_of(tokenizer))
     cert["corpus"] = heldout.describe()
     delta.record["kl_budget"] = cert
