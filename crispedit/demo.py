@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+from crispedit.config import DemoConfig
 from crispedit.data.records import EditRequest, LocalityPrompt
+
+logger = logging.getLogger(__name__)
 
 FALLBACK_EDITS = [
     EditRequest("The Eiffel Tower is located in the city of", "Rome", ground_truth="Paris",
@@ -38,22 +41,6 @@ COUNTERFACT_CANDIDATES = ("../shared/data/counterfact/counterfact-edit.json",
                           "shared/data/counterfact/counterfact-edit.json")
 
 
-@dataclass
-class DemoConfig:
-    out: str = "crispedit-demo"
-    n_edits: int = 10
-    samples: int = 32
-    max_length: int = 128
-    heldout_samples: int = 16
-    gamma: float = 0.9
-    lr: float = 5e-3
-    epochs: int = 25
-    benchmark_limit: int = 0
-    device: str = "cpu"
-    dtype: str = "float32"
-    seed: int = 0
-
-
 def find_counterfact() -> Path | None:
     here = Path(__file__).resolve().parents[1]
     for c in COUNTERFACT_CANDIDATES:
@@ -73,39 +60,44 @@ def demo_requests(n: int) -> tuple[list[EditRequest], str]:
     return FALLBACK_EDITS[:n], "built-in demo edits"
 
 
-def cached_curvature(model, tok, cfg: DemoConfig, progress: bool = True):
-    """Build the demo's curvature cache once (in the crispedit home folder) and reuse it."""
-    from crispedit.curvature.api import Curvature, CurvatureConfig
+def cached_curvature(model, tok, cfg: DemoConfig, progress: bool = False):
+    """Build the demo's curvature cache once (in the crispedit home folder) and reuse it; a cache that is stale
+    or of another model (`CrispEditError`, `CacheMismatchError`) is rebuilt."""
+    from crispedit.config import CurvatureConfig
+    from crispedit.curvature.api import Curvature, collect_curvature
     from crispedit.data.corpus import build_corpus
+    from crispedit.errors import CrispEditError
     from crispedit.models.home import crispedit_home
-    from crispedit.models.targets import resolve_targets
+    from crispedit.models.runtime import pad_id_of
 
-    targets = resolve_targets(model, None)
     path = crispedit_home() / "caches" / f"demo-smollm2-n{cfg.samples}-L{cfg.max_length}-s{cfg.seed}"
     if (path / "curvature.json").is_file():
         try:
             return Curvature.load(path, model=model), path, True
-        except Exception:  # noqa: BLE001 - a stale or foreign cache is rebuilt
-            pass
+        except CrispEditError as e:  # CacheMismatchError included
+            logger.info("rebuilding the demo's curvature cache %s: %s", path, e)
     corpus = build_corpus(tok, None, n_samples=cfg.samples, max_length=cfg.max_length, seed=cfg.seed)
-    cur = Curvature.compute(model, targets, corpus.sequences, corpus.describe(), CurvatureConfig(seed=cfg.seed),
-                            pad_id=tok.pad_token_id, progress=progress)
+    cur = collect_curvature(model, corpus, CurvatureConfig(seed=cfg.seed), pad_id=pad_id_of(tok), progress=progress)
     cur.save(path)
     return cur, path, False
 
 
-def run_demo(cfg: DemoConfig = DemoConfig(), progress: bool = True, echo=print) -> dict[str, Any]:
+def run_demo(cfg: DemoConfig | None = None, progress: bool = False,
+             echo: Callable[[str], Any] | None = None) -> dict[str, Any]:
+    """The demo end to end; what it says goes to `echo` (default: this module's logger at INFO)."""
+    from crispedit.config import EditConfig, EvalConfig
     from crispedit.data.corpus import build_corpus
-    from crispedit.editing.config import EditConfig
-    from crispedit.editing.engine import edit
+    from crispedit.editing.run import edit_model
     from crispedit.evaluation.generation import generate_greedy
     from crispedit.evaluation.plots import plot_loss_curves, plot_tradeoff
     from crispedit.evaluation.report import compare_reports, write_report
-    from crispedit.evaluation.runner import EvalConfig, evaluate
+    from crispedit.evaluation.runner import evaluate
     from crispedit.formatting import PromptFormat, encode_prompt
     from crispedit.io import atomic_dir
     from crispedit.models.loading import EMBEDDED_MODEL, load_model
 
+    cfg = cfg if cfg is not None else DemoConfig()
+    echo = echo if echo is not None else logger.info
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     echo(f"crispedit demo: {EMBEDDED_MODEL}, embedded Wikipedia excerpt, {cfg.n_edits} counterfactual edits")
@@ -131,7 +123,7 @@ def run_demo(cfg: DemoConfig = DemoConfig(), progress: bool = True, echo=print) 
     for method in ("ft", "crispedit"):
         t = time.perf_counter()
         ec = EditConfig(method=method, gamma=cfg.gamma, lr=cfg.lr, epochs=cfg.epochs, seed=cfg.seed)
-        res = edit(model, tok, requests, cur.targets, ec, curvature=cur, progress=progress)
+        res = edit_model(model, tok, requests, cur, ec, progress=progress)
         timings[f"edit_{method}"] = time.perf_counter() - t
         losses[method] = res.step_losses
         gens[method] = generate_greedy(model, tok, prompts, max_new_tokens=12)
@@ -157,7 +149,7 @@ def run_demo(cfg: DemoConfig = DemoConfig(), progress: bool = True, echo=print) 
             write_report(rep, tmp / f"{k}.json")
         plot_tradeoff([reports["ft"], reports["crispedit"]], tmp / "tradeoff.png")
         plot_loss_curves(losses, tmp / "edit_loss.png", title="edit loss per step")
-        summary = {"model": EMBEDDED_MODEL, "edits": source, "n_edits": len(requests), "config": cfg.__dict__,
+        summary = {"model": EMBEDDED_MODEL, "edits": source, "n_edits": len(requests), "config": cfg.to_dict(),
                    "curvature_cache": str(cache_path), "curvature_reused": reused, "timings_s": timings,
                    "runs": runs, "summary": {k: r.summary for k, r in reports.items()}, "generations": gens}
         (tmp / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")

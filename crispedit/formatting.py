@@ -15,6 +15,8 @@ import torch
 
 QA_CONTEXT = "Please answer the question:\n\nQ: {q}\nA:"
 CONTEXTS = ("raw", "qa", "chat")
+# Chat templates' end-of-turn tokens (ChatML, Llama 3, Gemma); the first one a vocabulary has ends the target.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>")
 
 
 def has_chat_template(tokenizer) -> bool:
@@ -74,7 +76,7 @@ def encode_prompt(tokenizer, prompt: str, fmt: PromptFormat = PromptFormat()) ->
 def end_token_id(tokenizer, fmt: PromptFormat) -> int:
     """EOS, or the chat template's end-of-turn token (which is EOS for most instruct tokenizers)."""
     if fmt.context == "chat":
-        for tok in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>"):
+        for tok in END_OF_TURN_TOKENS:
             tid = tokenizer.convert_tokens_to_ids(tok)
             if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid is not None:
                 return tid
@@ -137,12 +139,4 @@ def collate(sequences: Sequence[Sequence[int]], pad_id: int, labels: Sequence[Se
     out = {"input_ids": ids, "attention_mask": mask}
     if lab is not None:
         out["labels"] = lab
-    return out
-
-
-def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
-    """Turn HF-style labels (label[t] = token at t, -100 = ignore) into per-position targets:
-    position t predicts label[t+1]; the last position predicts nothing (-100)."""
-    out = torch.full_like(labels, -100)
-    out[:, :-1] = labels[:, 1:]
     return out

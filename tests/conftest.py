@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -62,3 +64,77 @@ def make_biased_llama(vocab_size: int, seed: int = 0, eos_token_id: int = 0, pad
 def biased_llama():
     """Factory: biased_llama(vocab_size, seed=0, ...) -> a tiny Llama with a settable `bigram` logit bias."""
     return make_biased_llama
+
+
+def save_tiny_model(folder, tokenizer, seed: int):
+    """A tiny random Llama (2 blocks) with `tokenizer`, saved as a model folder the CLI can load."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
+                      eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    torch.manual_seed(seed)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+# ------------------------------------------------------------------ tiny MLP heads (study and EK-FAC oracles)
+
+
+def tiny_head(seed: int = 0, d_in: int = 6, hidden: int = 5, classes: int = 4):
+    """The study's two-layer head in float64, with non-zero biases (they must not leak into the weight
+    curvature)."""
+    from crispedit.study.lenet import Head
+
+    torch.manual_seed(seed)
+    h = Head(hidden, d_in=d_in, classes=classes).double()
+    with torch.no_grad():
+        h.fc2.bias.normal_()
+        h.fc3.bias.normal_()
+    return h
+
+
+def tiny_data(n: int, d_in: int = 6, classes: int = 4, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d_in, generator=g, dtype=torch.float64), torch.randint(0, classes, (n,), generator=g)
+
+
+def head_blocks(M: torch.Tensor, head) -> dict[str, torch.Tensor]:
+    """The per-weight diagonal blocks of a curvature matrix over (fc2.weight, fc3.weight)."""
+    n2 = head.fc2.weight.numel()
+    return {"fc2": M[:n2, :n2], "fc3": M[n2:, n2:]}
+
+
+# ------------------------------------------------------------------ the CLI, in-process
+
+
+@pytest.fixture
+def cli(capsys):
+    """cli(*args) -> (exit status, stdout, stderr) of `crispedit ARGS`, run in-process."""
+    from crispedit.cli import main
+
+    def run(*args: str | Path) -> tuple[int, str, str]:
+        with pytest.raises(SystemExit) as e:
+            main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return e.value.code, out, err
+
+    return run
+
+
+def error_lines(err: str) -> list[str]:
+    """stderr lines that are not progress bars."""
+    lines = [seg.strip() for line in err.splitlines() for seg in line.split("\r")]
+    return [ln for ln in lines if ln and "it/s]" not in ln and "batch/s]" not in ln and "?it/s" not in ln]
+
+
+def assert_user_error(code: int, err: str, *fragments: str) -> None:
+    """One line `crispedit: error: ...` holding every fragment, exit status 2, no traceback."""
+    lines = error_lines(err)
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("crispedit: error: "), lines
+    assert "Traceback" not in err
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])

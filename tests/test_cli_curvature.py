@@ -11,28 +11,14 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from crispedit.cli import main
+from conftest import assert_user_error, save_tiny_model
 from crispedit.curvature.cache import RECORD
 
 WORDS = ("the cat sat on a mat and Paris is the capital of France while Rome has the Colosseum "
          "Shakespeare wrote Hamlet answer question yes no").split()
 DOWN = ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
 BASE = ["--corpus", "{corpus}", "--max-length", "24", "--samples", "6", "--batch-size", "4"]
-
-
-def save_tiny_model(folder: Path, tokenizer, seed: int) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
-                      eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
-    torch.manual_seed(seed)
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -47,37 +33,9 @@ def world(tmp_path_factory, byte_bpe_tokenizer) -> dict[str, Path]:
             "corpus": corpus}
 
 
-@pytest.fixture
-def cli(capsys):
-    """cli(*args) -> (exit status, stdout, stderr)."""
-
-    def run(*args: str | Path) -> tuple[int, str, str]:
-        with pytest.raises(SystemExit) as e:
-            main([str(a) for a in args])
-        out, err = capsys.readouterr()
-        return e.value.code, out, err
-
-    return run
-
-
 def curvature_args(world, out: Path, *extra: str) -> list[str]:
     base = [a.format(corpus=world["corpus"]) for a in BASE]
     return ["curvature", "--model", str(world["model"]), *base, "--out", str(out), *extra]
-
-
-def error_lines(err: str) -> list[str]:
-    """stderr lines that are not progress bars."""
-    lines = [seg.strip() for line in err.splitlines() for seg in line.split("\r")]
-    return [ln for ln in lines if ln and "it/s]" not in ln and "batch/s]" not in ln and "?it/s" not in ln]
-
-
-def assert_user_error(code: int, err: str, *fragments: str) -> None:
-    lines = error_lines(err)
-    assert code == 2, err
-    assert len(lines) == 1 and lines[0].startswith("crispedit: error: "), lines
-    assert "Traceback" not in err
-    for f in fragments:
-        assert f in lines[0], (f, lines[0])
 
 
 def record(path: Path) -> dict:

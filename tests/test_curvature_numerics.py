@@ -309,7 +309,7 @@ def _assert_stats_close(a: KFACStats, b: KFACStats):
 def test_padding_batch_size_and_sharding_do_not_change_factors():
     model = tiny_llama()
     seqs = _random_sequences()
-    cfg = CollectConfig(labels="empirical")
+    cfg = CollectConfig(labels="empirical", sink_tokens=0)
     one = collect_lm_stats(model, seqs, TARGETS, cfg, batch_size=1, progress=False)
     padded = collect_lm_stats(model, seqs, TARGETS, cfg, batch_size=4, pad_id=0, progress=False)
     _assert_stats_close(one, padded)
@@ -324,7 +324,8 @@ def test_padding_batch_size_and_sharding_do_not_change_factors():
 def test_sink_positions_are_kept_apart():
     model = tiny_llama()
     seqs = _random_sequences()
-    full = collect_lm_stats(model, seqs, TARGETS, CollectConfig(labels="empirical"), batch_size=3, progress=False)
+    full = collect_lm_stats(model, seqs, TARGETS, CollectConfig(labels="empirical", sink_tokens=0), batch_size=3,
+                            progress=False)
     sink = collect_lm_stats(model, seqs, TARGETS, CollectConfig(labels="empirical", sink_tokens=1), batch_size=3,
                             progress=False)
     t = TARGETS[0]
@@ -345,7 +346,8 @@ def test_collection_leaves_grads_flags_and_outputs_untouched():
         if i % 3 == 0:
             p.requires_grad_(False)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    collect_lm_stats(model, seqs, TARGETS, CollectConfig(labels="sampled"), batch_size=3, progress=False)
+    collect_lm_stats(model, seqs, TARGETS, CollectConfig(labels="sampled", sink_tokens=0), batch_size=3,
+                     progress=False)
     for n, p in model.named_parameters():
         assert p.requires_grad == flags[n]
         if n in sentinel:

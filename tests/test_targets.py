@@ -215,9 +215,11 @@ class _Custom(nn.Module):
 
 
 def test_unknown_model_type_without_spec_asks_for_layers():
-    with pytest.raises(CrispEditError, match="--layers"):
+    # The library names its own parameter (`targets=`); the CLI spells the same hint as --layers.
+    with pytest.raises(CrispEditError, match="targets=") as e:
         resolve_targets(_Custom("my_arch"))
-    with pytest.raises(CrispEditError, match="--layers"):
+    assert e.value.hint == {"targets": "model.layers.{10-12}.mlp.down_proj"}
+    with pytest.raises(CrispEditError, match="targets="):
         resolve_targets(_Custom(None))
     # ... and a user table entry makes it work
     assert resolve_targets(_Custom("my_arch"), defaults={"my_arch": "blocks.{}.2"}) == [

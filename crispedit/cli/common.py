@@ -1,10 +1,11 @@
-"""What every subcommand shares: the `Command` registry entry, option parsing with config files, value
-validators, model options and table printing.
+"""What every subcommand shares: the `Command` registry entry, options generated from the config dataclasses,
+config files, the model options, how library errors are spelled on the command line, and output helpers.
 
-Options come from three layers, later ones winning: the defaults declared by the command, a
-`--config FILE` (YAML or JSON; keys are long option names, with dashes or underscores), and the flags
-typed on the command line. To tell typed flags from defaults, every option's default is moved out of
-argparse (which then only reports what was typed) into `Command` bookkeeping; help still shows it.
+Options come from three layers, later ones winning: the defaults (declared once, in `crispedit.config` or by
+the command for its own paths and switches), a `--config FILE` (YAML or JSON; keys are long option names, with
+dashes or underscores, or config field names), and the flags typed on the command line. Every option's default
+is kept out of argparse (which then reports only what was typed), so `given(args, Config)` can tell a choice
+from a default; `--help` still shows the default.
 """
 
 from __future__ import annotations
@@ -14,13 +15,16 @@ import json
 import os
 import sys
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
+from crispedit.config import Choice, FieldSpec, LoadConfig, config_fields, parse_text
 from crispedit.errors import CrispEditError
+from crispedit.tables import format_table  # noqa: F401 - commands import it from here
 
 PROG = "crispedit"
-DTYPES = ("float32", "bfloat16", "float16", "auto")
+MODEL_HELP = "a local model folder, a .gguf file, a Hugging Face hub id, or smollm2-135m-instruct (embedded)"
 
 
 class UsageError(CrispEditError):
@@ -44,13 +48,14 @@ class Command:
 
 
 class _Formatter(argparse.HelpFormatter):
-    """Shows the command's declared default (kept outside argparse, see module docstring)."""
+    """Shows each option's default (kept outside argparse, see the module docstring)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = getattr(action, "crispedit_default", None)
-        if default not in (None, False) and "default" not in text and action.option_strings:
-            text += f" (default: {default})"
+        if default not in (None, False, ()) and "default" not in text and action.option_strings and action.nargs != 0:
+            shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+            text += f" (default: {shown})"
         return text
 
 
@@ -66,6 +71,55 @@ class CliParser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see `{self.prog} --help`)")
 
 
+def _text_type(spec: FieldSpec) -> Callable[[str], Any]:
+    """argparse `type=` for a config field: `parse_text`, with its message as argparse's."""
+
+    def parse(text: str) -> Any:
+        try:
+            return parse_text(spec, text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    parse.__name__ = spec.describe()
+    return parse
+
+
+def add_config_options(p: argparse.ArgumentParser, cls: type, *, only: Sequence[str] | None = None,
+                       exclude: Sequence[str] = (), overrides: dict[str, dict[str, Any]] | None = None) -> None:
+    """One option per documented field of the dataclass `cls` (see `crispedit.config.option`).
+
+    The flag is `--field-name` unless the field names another; a field whose default is True gets `--no-...`;
+    `overrides` changes a field's default or metadata for this command only (e.g. another default size)."""
+    for spec in config_fields(cls):
+        if not spec.meta.get("cli", True) or spec.name in exclude or (only is not None and spec.name not in only):
+            continue
+        over = dict((overrides or {}).get(spec.name, {}))
+        default = over.pop("default", spec.default)
+        spec = FieldSpec(spec.name, spec.kind, spec.optional, spec.many, default, {**spec.meta, **over})
+        meta = spec.meta
+        flag = meta.get("flag") or "--" + spec.name.replace("_", "-")
+        kw: dict[str, Any] = {"dest": spec.name, "default": default, "help": meta.get("help")}
+        if spec.kind is bool and not spec.many:
+            names = ["--no-" + flag[2:]] if default is True else [flag, *meta.get("aliases", ())]
+            kw["action"] = "store_false" if default is True else "store_true"
+            if default is True:
+                kw["help"] = meta.get("off_help") or f"turn off: {meta.get('help')}"
+        else:
+            names = [flag, *meta.get("aliases", ())]
+            kw["metavar"] = meta.get("metavar")
+            if issubclass(spec.kind, Choice) and not spec.many:
+                kw["choices"] = tuple(meta.get("cli_choices") or spec.allowed or ())
+            else:
+                kw["type"] = _text_type(spec)
+        action = p.add_argument(*names, **kw)
+        action.crispedit_field = spec  # type: ignore[attr-defined]
+        for const_flag, value in meta.get("const_flags", {}).items():
+            shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
+            alias = p.add_argument(const_flag, dest=spec.name, action="store_const", const=value, default=default,
+                                   help=f"the same as {flag} {shown}")
+            alias.crispedit_field = spec  # type: ignore[attr-defined]
+
+
 @dataclass
 class _Spec:
     """What the registry learnt about one subcommand's options."""
@@ -77,13 +131,18 @@ class _Spec:
     by_key: dict[str, argparse.Action]
 
 
+def config_key(name: str) -> str:
+    return name.strip().lstrip("-").replace("_", "-").lower()
+
+
 def _prepare(command: Command, parser: CliParser) -> _Spec:
-    """Move defaults and `required` out of argparse; index options by their config-file key."""
+    """Move defaults and `required` out of argparse; index options by their config-file keys."""
     defaults: dict[str, Any] = {}
     required: list[argparse.Action] = []
     by_key: dict[str, argparse.Action] = {}
     for action in parser._actions:
-        if isinstance(action, (argparse._HelpAction, argparse._VersionAction)) or action.dest in ("config", "debug"):
+        if isinstance(action, (argparse._HelpAction, argparse._VersionAction)) or action.dest in ("config", "debug",
+                                                                                                   "verbose"):
             continue
         if action.default is not argparse.SUPPRESS:
             if defaults.get(action.dest) is None:
@@ -97,13 +156,11 @@ def _prepare(command: Command, parser: CliParser) -> _Spec:
             action.help = f"{action.help or ''} (required)".strip()
             required.append(action)
         keys = [o[2:] for o in action.option_strings if o.startswith("--")] or [action.dest]
+        if isinstance(action, argparse._StoreAction):  # a value option also answers to its field name
+            keys.append(action.dest)
         for key in keys:
-            by_key[config_key(key)] = action
+            by_key.setdefault(config_key(key), action)
     return _Spec(command, parser, defaults, required, by_key)
-
-
-def config_key(name: str) -> str:
-    return name.strip().lstrip("-").replace("_", "-").lower()
 
 
 def build_parser(commands: Sequence[Command]) -> tuple[CliParser, dict[str, _Spec]]:
@@ -112,6 +169,7 @@ def build_parser(commands: Sequence[Command]) -> tuple[CliParser, dict[str, _Spe
     parser = CliParser(prog=PROG, description="Edit language models without breaking them (CrispEdit).",
                        epilog=f"Run `{PROG} COMMAND --help` for a command's options.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what each stage does (INFO)")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=CliParser)
     specs: dict[str, _Spec] = {}
@@ -123,6 +181,7 @@ def build_parser(commands: Sequence[Command]) -> tuple[CliParser, dict[str, _Spe
         p.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
                        help="read options from a YAML or JSON file (keys: long option names); flags override it")
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         specs[cmd.name] = _prepare(cmd, p)
     return parser, specs
 
@@ -169,20 +228,29 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _convert(action: argparse.Action, value: Any, where: str) -> Any:
-    """A config value checked and converted the way argparse treats the same text on the command line."""
-    if action.nargs == 0:  # store_true / store_false flags
+    """A config-file value checked and converted the way the same text is on the command line."""
+    if action.nargs == 0:  # store_true / store_false / store_const flags
         if not isinstance(value, bool):
             raise UsageError(f"{where}: expected true or false, got {value!r}")
+        if isinstance(action, argparse._StoreConstAction) and not isinstance(action.const, bool):
+            return action.const if value else getattr(action, "crispedit_default", None)
         return action.const if value else not action.const
     many = action.nargs in ("+", "*") or isinstance(action.nargs, int)
-    if isinstance(value, (list, tuple)) and not many:
-        raise UsageError(f"{where}: expected a single value, got a list")
+    spec: FieldSpec | None = getattr(action, "crispedit_field", None)
     if isinstance(value, dict):
         raise UsageError(f"{where}: expected a value, got a mapping")
+    if isinstance(value, (list, tuple)) and not many:
+        if spec is not None and spec.many:  # a YAML list for a comma-list field
+            value = ",".join(map(str, value)) or "none"
+        else:
+            raise UsageError(f"{where}: expected a single value, got a list")
     items = list(value) if isinstance(value, (list, tuple)) else [value]
     out = []
     for item in items:
         if item is None:
+            if spec is not None and spec.optional:
+                out.append(None)
+                continue
             raise UsageError(f"{where}: missing value")
         text = str(item).lower() if isinstance(item, bool) else str(item)
         try:
@@ -195,13 +263,11 @@ def _convert(action: argparse.Action, value: Any, where: str) -> Any:
     return out if many else out[0]
 
 
-def config_values(spec: _Spec, data: dict[str, Any], source: str) -> dict[str, Any]:
+def config_values(spec: _Spec, data: dict[str, Any], source: str, command_names: set[str]) -> dict[str, Any]:
     """Option values (by dest) from a config mapping. A key that names a command and holds a mapping is a
     section: the section of this command applies over the top level, other commands' sections are ignored,
     so one file can serve several commands."""
-    from crispedit.cli import command_names
-
-    flat = {k: v for k, v in data.items() if not (isinstance(v, dict) and k in command_names())}
+    flat = {k: v for k, v in data.items() if not (isinstance(v, dict) and k in command_names)}
     section = data.get(spec.command.name)
     if isinstance(section, dict):
         flat.update(section)
@@ -215,13 +281,13 @@ def config_values(spec: _Spec, data: dict[str, Any], source: str) -> dict[str, A
     return values
 
 
-def resolve_options(spec: _Spec, typed: argparse.Namespace) -> argparse.Namespace:
+def resolve_options(spec: _Spec, typed: argparse.Namespace, command_names: set[str]) -> argparse.Namespace:
     """Defaults < config file < typed flags; then check required options. The result records which options
-    the user set (`_explicit`, by config or flag) so commands can tell a choice from a default."""
-    typed_values = {k: v for k, v in vars(typed).items() if k not in ("command", "debug", "config")}
+    the user set (by config or flag), for `given`."""
+    typed_values = {k: v for k, v in vars(typed).items() if k not in ("command", "debug", "verbose", "config")}
     from_file: dict[str, Any] = {}
     if getattr(typed, "config", None):
-        from_file = config_values(spec, load_config_file(typed.config), str(typed.config))
+        from_file = config_values(spec, load_config_file(typed.config), str(typed.config), command_names)
     values = dict(spec.defaults)
     values.update(from_file)
     values.update(typed_values)
@@ -230,101 +296,81 @@ def resolve_options(spec: _Spec, typed: argparse.Namespace) -> argparse.Namespac
         names = ", ".join(max(a.option_strings, key=len) for a in missing)
         raise UsageError(f"missing required option(s) {names} (see `{spec.parser.prog} --help`)")
     ns = argparse.Namespace(**values)
-    ns._explicit = set(from_file) | set(typed_values)
+    ns._given = set(from_file) | set(typed_values)
     ns._command = spec.command
     return ns
 
 
-def explicit(args: argparse.Namespace, dest: str) -> bool:
-    """Whether the user chose this option (on the command line or in a config file)."""
-    return dest in getattr(args, "_explicit", set())
+def config_from_args(args: argparse.Namespace, cls: type, **fixed: Any) -> Any:
+    """`cls(...)` from the options the command registered for its fields (others keep their defaults)."""
+    values = {s.name: getattr(args, s.name) for s in config_fields(cls) if hasattr(args, s.name)}
+    values.update(fixed)
+    return cls(**values)
 
 
-# ------------------------------------------------------------------------------------------ value types
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
-def nonnegative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
-    return value
-
-
-def fraction(low: float = 0.0, high: float = 1.0, low_open: bool = True, high_open: bool = True
-             ) -> Callable[[str], float]:
-    """A float parser restricted to an interval, e.g. fraction() for γ in (0, 1), fraction(low_open=False)
-    for a held-out share in [0, 1)."""
-    lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
-    interval = f"{lo}{low:g}, {high:g}{hi}"
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number in {interval}, got {text!r}") from None
-        below = value <= low if low_open else value < low
-        above = value >= high if high_open else value > high
-        if below or above or value != value:
-            raise argparse.ArgumentTypeError(f"must be in {interval}, got {value:g}")
-        return value
-
-    parse.__name__ = f"number in {interval}"
-    return parse
-
-
-gamma_type = fraction()  # energy thresholds γ: strictly between 0 and 1
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {value:g}")
-    return value
+def given(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The fields of `cls` the user chose (by flag or config file), e.g. to inherit the rest from a cache."""
+    chosen = getattr(args, "_given", set())
+    return {s.name: getattr(args, s.name) for s in config_fields(cls) if s.name in chosen}
 
 
 # ------------------------------------------------------------------------------------------ models
 
 
-MODEL_HELP = "a local model folder, a .gguf file, a Hugging Face hub id, or smollm2-135m-instruct (embedded)"
-
-
 def add_model_options(p: argparse.ArgumentParser, required: bool = True, flag: str = "--model") -> None:
-    """--model plus how to load it (--device, --dtype, --device-map, --trust-remote-code)."""
+    """--model plus how to load it (the `LoadConfig` options: --device, --dtype, --device-map...)."""
     p.add_argument(flag, dest="model", metavar="M", required=required, help=MODEL_HELP)
-    add_loading_options(p)
+    add_config_options(p, LoadConfig)
 
 
-def add_loading_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--dtype", default="float32", choices=DTYPES, help="weights' dtype")
-    p.add_argument("--device-map", default=None,
-                   help="passed to from_pretrained, e.g. 'auto' to spread a large model over the GPUs")
-    p.add_argument("--trust-remote-code", action="store_true", default=False,
-                   help="allow the checkpoint's own Python code (off by default)")
-
-
-def load_model_from_args(args: argparse.Namespace, device: str | None = None):
-    """(model, tokenizer) as the options say; `device` overrides --device (e.g. a distributed rank's GPU)."""
+def load_model_from_args(args: argparse.Namespace, device: str | None = None, spec: str | None = None):
+    """(model, tokenizer) as the options say; `device` overrides --device (e.g. a distributed rank's GPU),
+    `spec` overrides --model."""
     from crispedit.models import load_model
 
-    return load_model(args.model, device=device or args.device, dtype=args.dtype, device_map=args.device_map,
-                      trust_remote_code=args.trust_remote_code)
+    cfg = config_from_args(args, LoadConfig, **({"device": device} if device else {}))
+    return load_model(spec or args.model, **cfg.to_dict())
+
+
+# ------------------------------------------------------------------------------------------ errors
+
+
+# Library parameters that have a command-line spelling of their own (config fields map to their flags).
+PARAMETER_FLAGS = {"allow_mismatch": "--allow-cache-mismatch", "overwrite": "--force", "curvature": "--curvature CACHE",
+                   "curvature_path": "--curvature CACHE", "resume": "--resume", "model": "--model M"}
+
+
+@lru_cache(maxsize=1)
+def _field_flags() -> dict[str, tuple[str, str]]:
+    from crispedit import config
+
+    out: dict[str, tuple[str, str]] = {}
+    for cls in (config.LoadConfig, config.CorpusConfig, config.CurvatureConfig, config.EditConfig,
+                config.EvalConfig):
+        for s in config_fields(cls):
+            flag = s.meta.get("flag") or "--" + s.name.replace("_", "-")
+            out.setdefault(s.name, (flag, s.meta.get("metavar") or s.name.upper()))
+    return out
+
+
+def cli_spelling(name: str, value: Any) -> str:
+    """How the command line says "set parameter `name` to `value`" (for library error messages)."""
+    if name in PARAMETER_FLAGS:
+        flag = PARAMETER_FLAGS[name]
+        return flag if value is ... or value is True else f"{flag.split()[0]} {value}"
+    flag, metavar = _field_flags().get(name, ("--" + name.replace("_", "-"), name.upper()))
+    if value is ...:
+        return f"{flag} {metavar}"
+    return flag if value is True else f"{flag} {value}"
+
+
+def error_line(e: BaseException) -> str:
+    """One line describing a user error, with library parameters spelled as flags."""
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        return f"{e.strerror}: {e.filename}"
+    text = e.render(cli_spelling) if isinstance(e, CrispEditError) else str(e)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__
 
 
 # ------------------------------------------------------------------------------------------ output
@@ -341,15 +387,3 @@ def is_main_process() -> bool:
 def echo(*parts: Any, file=None) -> None:
     if is_main_process():
         print(*parts, file=file or sys.stdout, flush=True)
-
-
-def format_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], align: str | None = None) -> str:
-    """A plain-text table; `align` is one letter per column, 'l' or 'r' (default: first left, others right)."""
-    rows = [[str(c) for c in r] for r in rows]
-    align = align or "l" + "r" * (len(headers) - 1)
-    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
-
-    def line(cells: Sequence[str]) -> str:
-        return "  ".join(c.ljust(w) if a == "l" else c.rjust(w) for c, w, a in zip(cells, widths, align)).rstrip()
-
-    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])

@@ -1,12 +1,20 @@
-"""`crispedit eval` (an edited model against its base → report JSON + Markdown) and `crispedit compare`."""
+"""`crispedit eval` (an edited model against its base → report JSON + Markdown) and `crispedit compare`.
+
+The options are `EvalConfig`'s, `RequestsConfig`'s and the held-out corpus (`CorpusConfig`, with eval's own
+sizes: 64 chunks, 0 to skip)."""
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from crispedit.cli.common import Command, UsageError, add_loading_options, echo, nonnegative_int, positive_int
+from crispedit.cli.common import Command, UsageError, add_config_options, config_from_args, echo
+from crispedit.config import CorpusConfig, EvalConfig, LoadConfig, RequestsConfig
+
+HELDOUT = {"n_samples": {"default": 64, "low": 0, "flag": "--heldout-samples",
+                         "help": "held-out chunks for perplexity and KL (0: skip)"},
+           "source": {"default": "wikipedia", "help": "capability text; its held-out split (never seen by the "
+                                                      "curvature) gives perplexity and KL"}}
 
 
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:
@@ -14,81 +22,58 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
                    help="the edited model (a folder written by `crispedit edit` — its model/ — or any model spec)")
     p.add_argument("--base", metavar="M", help="the base model it was edited from (omit to evaluate a model alone)")
     p.add_argument("--delta", metavar="DIR", help="instead of an edited model folder: apply this delta to --base")
-    add_loading_options(p)
+    add_config_options(p, LoadConfig)
     p.add_argument("--edits", metavar="PATH", help="the edit requests (any supported format)")
-    p.add_argument("--format", default="auto")
-    p.add_argument("--limit", type=positive_int, default=None, help="evaluate the first N requests")
-    p.add_argument("--skip-invalid", action="store_true", default=False)
-    p.add_argument("--corpus", default="wikipedia",
-                   help="capability text; its held-out split (never seen by the curvature) gives perplexity and KL")
-    p.add_argument("--heldout-samples", type=nonnegative_int, default=64, help="held-out chunks (0: skip)")
-    p.add_argument("--max-length", type=positive_int, default=256)
-    p.add_argument("--contexts", default="auto",
-                   help="generated-evaluation contexts: qa, chat, raw (comma list); auto = all three, chat only "
-                        "when the tokenizer has a chat template")
-    p.add_argument("--teacher-forced-context", default="raw", choices=("raw", "qa", "chat"))
-    p.add_argument("--benchmarks", default="mmlu,arc,truthfulqa", help="comma list, or 'none'")
-    p.add_argument("--benchmark-limit", type=positive_int, default=200)
-    p.add_argument("--benchmarks-root", default=None, help="folder with mmlu/ arc/ truthfulqa/ gsm8k/")
-    p.add_argument("--benchmarks-on-base", action="store_true", default=False)
-    p.add_argument("--gsm8k", action="store_true", default=False)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=positive_int, default=16)
+    add_config_options(p, RequestsConfig)
+    add_config_options(p, CorpusConfig, only=("source", "n_samples", "max_length"), overrides=HELDOUT)
+    add_config_options(p, EvalConfig)
     p.add_argument("--label", default=None, help="run name in tables and plots")
     p.add_argument("--out", required=True, metavar="REPORT.json")
 
 
-def _split(text: str | None) -> tuple[str, ...]:
-    if not text or text.strip().lower() == "none":
-        return ()
-    return tuple(x.strip() for x in text.split(",") if x.strip())
-
-
 def run_eval(args: argparse.Namespace) -> int:
+    from crispedit.cli.common import load_model_from_args
     from crispedit.data.corpus import build_corpus
     from crispedit.data.readers import load_requests
+    from crispedit.editing.run import MODEL_DIR, is_edit_run, read_run_record
     from crispedit.evaluation.report import write_report
-    from crispedit.evaluation.runner import EvalConfig, evaluate
-    from crispedit.models.loading import load_model
+    from crispedit.evaluation.runner import evaluate
 
     if args.delta and not args.base:
         raise UsageError("--delta needs --base (the model the delta applies to)")
-    requests = load_requests(args.edits, fmt=args.format, limit=args.limit,
-                             skip_invalid=args.skip_invalid) if args.edits else []
-    cfg = EvalConfig(teacher_forced_context=args.teacher_forced_context, generated_contexts=_split(args.contexts),
-                     benchmarks=_split(args.benchmarks), benchmark_limit=args.benchmark_limit,
-                     benchmark_seed=args.seed, benchmarks_root=args.benchmarks_root,
-                     benchmarks_on_base=args.benchmarks_on_base, gsm8k=args.gsm8k, batch_size=args.batch_size)
-    kw = dict(device=args.device, dtype=args.dtype, device_map=args.device_map,
-              trust_remote_code=args.trust_remote_code)
+    rc = config_from_args(args, RequestsConfig)
+    cfg = config_from_args(args, EvalConfig, show_progress=True)
+    requests = load_requests(args.edits, fmt=rc.format, limit=rc.limit,
+                             skip_invalid=rc.skip_invalid) if args.edits else []
     run_config: dict = {}
-    model_dir = Path(args.model)
+    model_dir: Path | None = Path(args.model)
     if args.delta:
         from crispedit.editing.delta import EditDelta
 
-        edited, tok = load_model(args.base, **kw)
+        edited, tok = load_model_from_args(args, spec=args.base)
         delta = EditDelta.load(args.delta)
         delta.apply(edited)
         run_config = dict(delta.record.get("config", {}))
+        model_dir = None
     else:
-        # A `crispedit edit` output folder: use its model/ and its run record.
-        if (model_dir / "run.json").is_file() and (model_dir / "model").is_dir():
-            run_config = dict(json.loads((model_dir / "run.json").read_text()).get("config", {}))
-            model_dir = model_dir / "model"
-        edited, tok = load_model(str(model_dir), **kw)
-    base = load_model(args.base, **kw)[0] if args.base else None
+        if is_edit_run(model_dir):  # a `crispedit edit` output folder: use its model/ and its run record
+            run_config = dict(read_run_record(model_dir).get("config", {}))
+            model_dir = model_dir / MODEL_DIR
+        edited, tok = load_model_from_args(args, spec=str(model_dir))
+    base = load_model_from_args(args, spec=args.base)[0] if args.base else None
     if args.label:
         run_config["label"] = args.label
     run_config.update(model=str(args.model), base=args.base, edits=args.edits)
     heldout = None
-    if args.heldout_samples:
-        heldout = build_corpus(tok, args.corpus, n_samples=args.heldout_samples, max_length=args.max_length,
-                               seed=args.seed, split="heldout")
-    report = evaluate(edited, base, tok, requests, heldout, cfg, run_config=run_config)
+    if args.n_samples:
+        heldout = build_corpus(tok, args.source, n_samples=args.n_samples, max_length=args.max_length,
+                               seed=cfg.benchmark_seed, split="heldout")
+    report = evaluate(edited, base, tok, requests, heldout, cfg, run_config=run_config,
+                      edited_path=str(model_dir) if model_dir is not None else None)
     js, md = write_report(report, args.out)
-    s = report.summary
     from crispedit.evaluation.report import HEADLINE_KEYS
 
+    s = report.summary
     echo(" ".join(f"{k}={s[k]:.4g}" for k in HEADLINE_KEYS if s.get(k) is not None))
     echo(f"report → {js} (and {md})")
     return 0
@@ -113,7 +98,9 @@ def run_compare(args: argparse.Namespace) -> int:
         with atomic_path(args.out) as tmp:
             tmp.write_text(table + "\n")
     if args.plot:
-        plot_tradeoff(args.reports, args.plot, y_key=_split(args.plot_y) or ("reliability_gen_qa",))
+        keys = () if args.plot_y.strip().lower() == "none" else tuple(k.strip() for k in args.plot_y.split(",")
+                                                                       if k.strip())
+        plot_tradeoff(args.reports, args.plot, y_key=keys or ("reliability_gen_qa",))
         echo(f"plot → {args.plot}")
     return 0
 

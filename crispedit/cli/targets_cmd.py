@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from crispedit.cli.common import MODEL_HELP, Command, UsageError, add_loading_options, echo, format_table
-
-LAYERS_HELP = ("target layers: a module path, a template such as 'model.layers.{10-14}.mlp.down_proj', "
-               "a regex, or several separated by commas (default: the model type's defaults)")
+from crispedit.cli.common import MODEL_HELP, Command, UsageError, add_config_options, echo, format_table
+from crispedit.config import CurvatureConfig, LoadConfig
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", metavar="MODEL", help=MODEL_HELP)
     p.add_argument("--model", dest="model", metavar="M", help="the same as MODEL")
-    p.add_argument("--layers", metavar="SPEC", help=LAYERS_HELP)
-    add_loading_options(p)
+    add_config_options(p, CurvatureConfig, only=("targets",))
+    add_config_options(p, LoadConfig)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -27,16 +25,16 @@ def run(args: argparse.Namespace) -> int:
     model, _ = load_model_from_args(args)
     layers = list_linear_layers(model)
     note = ""
-    if args.layers:
-        chosen = resolve_targets(model, args.layers)
-        note = f"selected by --layers {args.layers!r}"
+    if args.targets:
+        chosen = resolve_targets(model, args.targets)
+        note = f"selected by --layers {args.targets!r}"
     else:
         model_type = getattr(model.config, "model_type", None)
         try:
             chosen = resolve_targets(model, None)
             note = f"default targets for model type {model_type!r} ({DEFAULT_TARGETS[model_type]})"
         except CrispEditError as e:
-            chosen, note = [], str(e)
+            chosen, note = [], e.message
     marked = set(chosen)
     rows = [[("* " if info.name in marked else "  ") + info.name, info.kind, f"{info.d_out}x{info.d_in}",
              "yes" if info.has_bias else "no"] for info in layers]

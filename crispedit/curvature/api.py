@@ -1,45 +1,34 @@
-"""`Curvature`: the capability curvature of a set of target layers, computed once and reused for many edits."""
+"""`Curvature`: the capability curvature of a set of target layers, computed once and reused for many edits.
+
+`collect_curvature(model, corpus, CurvatureConfig(...))` is the one call that builds it; `Curvature.load`
+reads a cache, `extend_from_corpus` adds corpus it has not seen, `merge` adds another cache, `projectors` gives
+the per-target projectors an edit is constrained by, and `summary()` says what it holds.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as _dt
-from dataclasses import dataclass
+import logging
+import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from crispedit.curvature.cache import CacheMismatchError, compare_fingerprints, load_cache, save_cache
-from crispedit.curvature.collect import CollectConfig, collect_lm_stats
-from crispedit.curvature.eigen import LayerEigen, eigendecompose, top_energy_fraction
-from crispedit.curvature.masks import build_masks, energy_cutoff, mask_report
+from crispedit.config import CurvatureConfig
+from crispedit.curvature.cache import compare_fingerprints, load_cache, save_cache
+from crispedit.curvature.collect import collect_lm_stats
+from crispedit.curvature.eigen import LayerEigen, eigendecompose, sym_eigh, top_energy_fraction
+from crispedit.curvature.energy import energy_rank
+from crispedit.curvature.masks import build_masks, mask_report
 from crispedit.curvature.projector import InputNullspaceProjector, KroneckerProjector
-from crispedit.curvature.stats import KFACStats, LayerStats
-from crispedit.errors import CrispEditError
+from crispedit.curvature.stats import KFACStats
+from crispedit.errors import CacheMismatchError, CrispEditError
 
+logger = logging.getLogger(__name__)
 PROJECTION_KINDS = ("kfac", "nscl")
 SUMMARY_GAMMAS = (0.5, 0.9, 0.99, 0.999)
-
-
-@dataclass(frozen=True)
-class CurvatureConfig:
-    """How statistics are collected. `sink_tokens=1` keeps each sequence's first position (an attention sink
-    whose activations can be ~100x larger than the rest and otherwise dominate A) apart: its input directions
-    are removed from the editable subspace outright instead of swamping the energy threshold."""
-
-    labels: str = "sampled"
-    mc_samples: int = 1
-    seed: int = 0
-    sink_tokens: int = 1
-    sink_energy: float = 0.99
-    batch_size: int = 8
-    max_tokens: int | None = 4096
-
-    def collect_config(self) -> CollectConfig:
-        return CollectConfig(labels=self.labels, mc_samples=self.mc_samples, seed=self.seed,
-                             sink_tokens=self.sink_tokens)
 
 
 def model_fingerprint(model: nn.Module, targets: Sequence[str]) -> dict[str, Any]:
@@ -58,59 +47,98 @@ def nscl_keep_columns(e: LayerEigen, gamma: float) -> torch.Tensor:
     keep[: e.n_sink] = False
     total = float(lam.sum())
     if total > 0 and gamma > 0:
-        k = int(torch.searchsorted(torch.cumsum(lam, 0), torch.tensor(gamma * total, dtype=lam.dtype)).item()) + 1
+        k = energy_rank(lam, gamma, total) + 1
         keep[e.n_sink : e.n_sink + k] = False
     return keep
 
 
 class Curvature:
+    """K-FAC statistics of the target layers (float64 sums and token counts), their eigenbases, and a JSON record
+    of how they were made (model fingerprint, targets, collection settings, corpora).
+
+    Build one with `collect_curvature` (or `Curvature.compute`), read one with `Curvature.load`. Sums rather than
+    means are kept, so `extend` and `merge` add exactly; both return a new object."""
+
     def __init__(self, stats: KFACStats, eigen: dict[str, LayerEigen], record: dict[str, Any]):
         self.stats = stats
         self.eigen = eigen
         self.record = record
+        self._masks: dict[tuple[float, str], dict[str, torch.Tensor]] = {}
 
     @property
     def targets(self) -> list[str]:
         return list(self.stats.layers)
 
+    @property
+    def config(self) -> CurvatureConfig:
+        """The collection settings the statistics were summed with (unknown keys of newer records dropped)."""
+        return CurvatureConfig.from_dict(self.record.get("collection", {}), source="curvature record 'collection'")
+
     # ------------------------------------------------------------------ building
     @classmethod
     def compute(cls, model: nn.Module, targets: Sequence[str], sequences: Sequence[Sequence[int]],
-                corpus: dict[str, Any], cfg: CurvatureConfig = CurvatureConfig(), pad_id: int = 0,
-                dist=None, progress: bool = True) -> "Curvature":
-        """Collect statistics over `sequences` (described by `corpus`) and decompose them."""
+                corpus: Mapping[str, Any], cfg: CurvatureConfig | None = None, pad_id: int = 0,
+                dist=None, progress: bool = False) -> "Curvature":
+        """Collect statistics over `sequences` (described by the record entry `corpus`) and decompose them.
+
+        Args:
+            targets: resolved module paths (`cfg.targets` is not consulted here; see `collect_curvature`).
+            pad_id: any token id (padding is masked).
+            dist: a `DistContext` to share the work between torchrun ranks.
+            progress: show a progress bar (default False).
+        """
+        cfg = cfg if cfg is not None else CurvatureConfig()
         if not sequences:
             raise CrispEditError("the capability corpus is empty: no sequences to collect curvature from")
+        t0 = time.perf_counter()
         stats = _collect(model, targets, sequences, cfg, pad_id, dist, progress, None)
         record = {
             "model": model_fingerprint(model, targets),
             "targets": [{"name": n, "d_in": s.d_in, "d_out": s.d_out} for n, s in stats.items()],
-            "collection": dataclasses.asdict(cfg),
+            "collection": cfg.collection_record(),
             "corpora": [dict(corpus, n_sequences=len(sequences))],
             "model_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
             "stats_dtype": "float64",
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
-        return cls.from_stats(stats, record)
+        cur = cls.from_stats(stats, record)
+        logger.info("K-FAC for %d layer(s), %s tokens, %.1f s", len(stats.layers), f"{stats.n_tokens:,}",
+                    time.perf_counter() - t0)
+        return cur
 
     @classmethod
     def from_stats(cls, stats: KFACStats, record: dict[str, Any]) -> "Curvature":
-        sink_energy = record.get("collection", {}).get("sink_energy", 0.99)
+        sink_energy = record.get("collection", {}).get("sink_energy", CurvatureConfig.sink_energy)
         eigen = {n: eigendecompose(s, sink_energy=sink_energy) for n, s in stats.items()}
         record = dict(record)
         record["n_tokens"] = stats.n_tokens
         record["summary"] = summarize(stats, eigen)
         return cls(stats, eigen, record)
 
-    def extend(self, model: nn.Module, sequences: Sequence[Sequence[int]], corpus: dict[str, Any],
-               pad_id: int = 0, dist=None, progress: bool = True) -> "Curvature":
-        """Add statistics of more text (same model, same settings) and re-decompose."""
-        self.check_model(model)
-        cfg = CurvatureConfig(**self.record["collection"])
-        cfg = dataclasses.replace(cfg, seed=cfg.seed + 1000 * len(self.record["corpora"]))
+    def extend(self, model: nn.Module, sequences: Sequence[Sequence[int]], corpus: Mapping[str, Any],
+               pad_id: int = 0, dist=None, progress: bool = False, checked: bool = False) -> "Curvature":
+        """Add statistics of more text (same model, same settings) and re-decompose. `checked=True` says the
+        caller has already verified the model (`check_model`). To pick sequences the cache has not seen, use
+        `extend_from_corpus`."""
+        if not checked:
+            self.check_model(model)
+        cfg = self.config
+        cfg = cfg.replace(seed=cfg.seed + 1000 * len(self.record["corpora"]))
         stats = _collect(model, self.targets, sequences, cfg, pad_id, dist, progress, self.stats.clone())
         record = dict(self.record, corpora=self.record["corpora"] + [dict(corpus, n_sequences=len(sequences))])
         return Curvature.from_stats(stats, record)
+
+    def extend_from_corpus(self, model: nn.Module, tokenizer, n_samples: int, *, source: str | None = None,
+                           max_length: int | None = None, heldout_fraction: float | None = None,
+                           seed: int | None = None, text_field: str | None = None, progress: bool = False,
+                           dist=None) -> "Curvature":
+        """Add `n_samples` chunks of a corpus that this curvature has not summed yet; settings left None are
+        inherited from the cache (see `crispedit.curvature.extend`)."""
+        from crispedit.curvature.extend import extend_from_corpus, plan_extension
+
+        plan = plan_extension(self.record, n_samples, source=source, max_length=max_length,
+                              heldout_fraction=heldout_fraction, seed=seed, text_field=text_field)
+        return extend_from_corpus(self, model, tokenizer, plan, dist=dist, progress=progress)
 
     def merge(self, other: "Curvature") -> "Curvature":
         """Sum of two caches' statistics (same model, targets and collection settings)."""
@@ -122,7 +150,7 @@ class Curvature:
             if a != b:
                 diffs.append(f"collection.{k}: {a!r} vs {b!r}")
         if diffs:
-            raise CacheMismatchError("cannot merge curvature caches that differ in: " + "; ".join(diffs))
+            raise CacheMismatchError("cannot merge curvature caches that differ in: " + "; ".join(diffs), diffs=diffs)
         stats = self.stats.clone().add_(other.stats)
         record = dict(self.record, corpora=self.record["corpora"] + other.record["corpora"])
         return Curvature.from_stats(stats, record)
@@ -146,9 +174,22 @@ class Curvature:
         record["summary"] = {t: v for t, v in (self.record.get("summary") or {}).items() if t in set(targets)}
         return Curvature(stats, eigen, record)
 
+    def summary(self, path: str | Path | None = None) -> str:
+        """What this curvature holds and what it implies for editing (the text `crispedit curvature-info`
+        prints)."""
+        from crispedit.curvature.summary import format_summary
+
+        record = self.record if "kept" in self.record else dict(self.record, kept=self.kept_report())
+        return format_summary(record, Path(path) if path is not None else None)
+
     # ------------------------------------------------------------------ projections
     def masks(self, gamma: float, scope: str = "layer") -> dict[str, torch.Tensor]:
-        return build_masks(self.eigen, gamma, scope)
+        """Keep-masks (d_out, d_in) per target at threshold γ; built once per (γ, scope) and reused (the edit,
+        its diagnostics and the run record all ask). Treat them as read-only."""
+        key = (float(gamma), str(scope))
+        if key not in self._masks:
+            self._masks[key] = build_masks(self.eigen, gamma, scope)
+        return self._masks[key]
 
     def projectors(self, gamma: float, scope: str = "layer", kind: str = "kfac",
                    dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> dict[str, Any]:
@@ -191,8 +232,13 @@ class Curvature:
             cur.check_model(model, where=str(path))
         return cur
 
-    def check_model(self, model: nn.Module, where: str = "curvature cache") -> None:
-        """Refuse a model whose identity, targeted weights or layer shapes differ from the cache's."""
+    def check_model(self, model: nn.Module, where: str = "curvature cache") -> dict[str, Any]:
+        """Refuse a model whose identity, targeted weights or layer shapes differ from the cache's; returns the
+        model's fingerprint (`weights_sha256` and identity), so callers need not compute it again.
+
+        Raises:
+            CacheMismatchError: listing the differing fields (`.diffs`).
+        """
         from crispedit.models.targets import layer_io_dims
 
         diffs = []
@@ -204,21 +250,25 @@ class Curvature:
                 continue
             if (d_in, d_out) != (t["d_in"], t["d_out"]):
                 diffs.append(f"target {t['name']}: cache ({t['d_out']}x{t['d_in']}) model ({d_out}x{d_in})")
+        ident: dict[str, Any] = {}
         if not diffs:
-            diffs = compare_fingerprints(self.record["model"], model_fingerprint(model, self.targets))
+            ident = model_fingerprint(model, self.targets)
+            diffs = compare_fingerprints(self.record["model"], ident)
         if diffs:
-            raise CacheMismatchError(f"{where} does not match this model ({'; '.join(diffs)}); "
-                                     "recompute it, or pass --allow-cache-mismatch to use it anyway")
+            raise CacheMismatchError(f"{where} does not match this model ({'; '.join(diffs)})", diffs=diffs,
+                                     hint={"allow_mismatch": True},
+                                     hint_text="recompute it, or pass {fix} to use it anyway")
+        return ident
 
 
 def _collect(model, targets, sequences, cfg: CurvatureConfig, pad_id, dist, progress, stats) -> KFACStats:
     if dist is not None and dist.world_size > 1:
         from crispedit.curvature.distributed import collect_lm_stats_distributed
 
-        return collect_lm_stats_distributed(model, sequences, list(targets), cfg.collect_config(), dist,
+        return collect_lm_stats_distributed(model, sequences, list(targets), cfg, dist,
                                             batch_size=cfg.batch_size, max_tokens=cfg.max_tokens, pad_id=pad_id,
                                             stats=stats)
-    return collect_lm_stats(model, sequences, list(targets), cfg.collect_config(), batch_size=cfg.batch_size,
+    return collect_lm_stats(model, sequences, list(targets), cfg, batch_size=cfg.batch_size,
                             max_tokens=cfg.max_tokens, pad_id=pad_id, stats=stats, progress=progress)
 
 
@@ -236,8 +286,6 @@ def summarize(stats: KFACStats, eigen: dict[str, LayerEigen]) -> dict[str, Any]:
             "A_clamped_negative": e.clamped_A, "S_clamped_negative": e.clamped_S,
         }
         if s.A_sink is not None and s.n_sink > 0:
-            from crispedit.curvature.eigen import sym_eigh
-
             lam_full, _, _ = sym_eigh(s.full_input_factor())
             row["A_top1_energy_if_sink_kept"] = top_energy_fraction(lam_full, 1)
             a_norm = float(torch.sqrt(torch.trace(s.A) / max(s.n, 1)))
@@ -246,3 +294,33 @@ def summarize(stats: KFACStats, eigen: dict[str, LayerEigen]) -> dict[str, Any]:
             row["rms_sink_activation_norm"] = sink_norm
         out[n] = row
     return out
+
+
+def collect_curvature(model: nn.Module, corpus, config: CurvatureConfig | None = None, *, pad_id: int = 0,
+                      dist=None, progress: bool = False) -> Curvature:
+    """The capability curvature of `model` over `corpus` at the layers `config.targets` selects.
+
+    Args:
+        model: a causal LM (any device; statistics are float64).
+        corpus: a `CapabilityCorpus` (`build_corpus(tokenizer, ...)`): its sequences are collected over and its
+            description goes into the record.
+        config: collection settings and targets (default `CurvatureConfig()`: the model type's default targets,
+            sampled labels, first-token sinks kept apart).
+        pad_id: any token id (padding is masked).
+        dist: a `DistContext` to share the work between torchrun ranks.
+        progress: show a progress bar (default False).
+
+    Returns:
+        The `Curvature` (save it with `.save(path)`).
+
+    Raises:
+        NoTargetModulesError: `config.targets` selects no Linear/Conv1D layer.
+        CrispEditError: the corpus is empty.
+    """
+    from crispedit.curvature.extend import corpus_record
+    from crispedit.models.targets import resolve_targets
+
+    cfg = config if config is not None else CurvatureConfig()
+    targets = resolve_targets(model, cfg.targets)
+    return Curvature.compute(model, targets, corpus.sequences, corpus_record(corpus), cfg, pad_id=pad_id, dist=dist,
+                             progress=progress)

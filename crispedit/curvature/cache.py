@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from crispedit import __version__
 from crispedit.curvature.eigen import LayerEigen
 from crispedit.curvature.stats import KFACStats, LayerStats
-from crispedit.errors import CrispEditError
+from crispedit.errors import CacheMismatchError, CrispEditError  # noqa: F401 - CacheMismatchError: re-exported
 from crispedit.io import atomic_dir
 
 FORMAT = "crispedit-curvature"
@@ -29,10 +29,6 @@ FORMAT_VERSION = 1
 RECORD = "curvature.json"
 STATS = "stats.safetensors"
 EIGEN = "eigen.safetensors"
-
-
-class CacheMismatchError(CrispEditError):
-    """The cache was computed for another model, other weights or other target layers."""
 
 
 def save_cache(path: str | Path, stats: KFACStats, eigen: dict[str, LayerEigen], record: dict[str, Any],

@@ -15,35 +15,19 @@ Design choices that matter for speed and correctness:
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
+from types import EllipsisType
 from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from crispedit.config import CollectConfig, CurvatureConfig, Labels  # noqa: F401 - CollectConfig: the old name
 from crispedit.curvature.stats import KFACStats, LayerStats
+from crispedit.models.runtime import frozen_parameters
 
-LABEL_MODES = ("sampled", "empirical", "exact")
-
-
-@dataclass(frozen=True)
-class CollectConfig:
-    """`sink_tokens`: the first k positions of every sequence are kept out of A and S and summed apart
-    (A_sink); their directions are then removed outright from the editable subspace (see eigen.py).
-    This handles "attention sink" tokens whose activations are orders of magnitude larger than the rest."""
-
-    labels: str = "sampled"
-    mc_samples: int = 1
-    seed: int = 0
-    sink_tokens: int = 0
-
-    def __post_init__(self) -> None:
-        if self.labels not in LABEL_MODES:
-            raise ValueError(f"unknown label mode {self.labels!r}; expected one of {LABEL_MODES}")
-        if self.mc_samples < 1:
-            raise ValueError("mc_samples must be >= 1")
+LABEL_MODES = Labels.values()
 
 
 class Capture:
@@ -81,20 +65,6 @@ class Capture:
         self.outputs.clear()
 
 
-@contextlib.contextmanager
-def frozen_parameters(model: nn.Module) -> Iterator[None]:
-    """Temporarily set requires_grad=False on every parameter (restored on exit)."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        for p, _ in flags:
-            p.requires_grad_(False)
-        with torch.enable_grad():
-            yield
-    finally:
-        for p, f in flags:
-            p.requires_grad_(f)
-
-
 def sqrt_hessian_columns(logits: torch.Tensor) -> Iterator[torch.Tensor]:
     """Columns of B with B Bᵀ = diag(p) − p pᵀ (softmax cross-entropy Hessian): √p_c (e_c − p)."""
     p = torch.softmax(logits.detach().double(), dim=-1)
@@ -105,13 +75,29 @@ def sqrt_hessian_columns(logits: torch.Tensor) -> Iterator[torch.Tensor]:
         yield col.to(logits.dtype)
 
 
+def label_losses(out_logits: torch.Tensor, data_labels: torch.Tensor, cfg: CurvatureConfig,
+                 generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, float, bool]]:
+    """The losses whose output gradients enter S with `sampled` or `empirical` labels, one per Monte-Carlo
+    sample: (sum of the cross-entropies over the rows of `out_logits` (N, C), weight 1/mc_samples, whether
+    another loss follows (keep the graph)). Sampled labels are drawn from softmax in float32; low-precision
+    logits are upcast, float64 stays float64 (oracle tests). Shared by K-FAC and EK-FAC."""
+    for m in range(cfg.mc_samples):
+        if cfg.labels == Labels.SAMPLED:
+            probs = torch.softmax(out_logits.detach().float(), dim=-1)
+            y = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        else:
+            y = data_labels
+        upcast = out_logits if out_logits.dtype == torch.float64 else out_logits.float()
+        yield nn.functional.cross_entropy(upcast, y, reduction="sum"), 1.0 / cfg.mc_samples, m < cfg.mc_samples - 1
+
+
 def accumulate_batch(
     stats: KFACStats,
     modules: dict[str, nn.Module],
     forward: Callable[[], torch.Tensor],
     targets: torch.Tensor,
     valid: torch.Tensor,
-    cfg: CollectConfig,
+    cfg: CurvatureConfig,
     generator: torch.Generator | None = None,
     sink: torch.Tensor | None = None,
 ) -> None:
@@ -154,17 +140,9 @@ def accumulate_batch(
                                              allow_unused=True)
                     add_grads(gs, 1.0)
             else:
-                for m in range(cfg.mc_samples):
-                    if cfg.labels == "sampled":
-                        probs = torch.softmax(out_logits.detach().float(), dim=-1)
-                        y = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-                    else:
-                        y = targets[loss_pos]
-                    # Low-precision logits are upcast; float64 stays float64 (oracle tests).
-                    upcast = out_logits if out_logits.dtype == torch.float64 else out_logits.float()
-                    loss = nn.functional.cross_entropy(upcast, y, reduction="sum")
-                    gs = torch.autograd.grad(loss, n_out, retain_graph=m < cfg.mc_samples - 1, allow_unused=True)
-                    add_grads(gs, 1.0 / cfg.mc_samples)
+                for loss, weight, more in label_losses(out_logits, targets[loss_pos], cfg, generator):
+                    gs = torch.autograd.grad(loss, n_out, retain_graph=more, allow_unused=True)
+                    add_grads(gs, weight)
 
         n_valid = int(valid.sum())
         for name in modules:
@@ -212,12 +190,12 @@ def collect_lm_stats(
     model: nn.Module,
     sequences: Sequence[Sequence[int]],
     target_names: Sequence[str],
-    cfg: CollectConfig = CollectConfig(),
-    batch_size: int = 8,
-    max_tokens: int | None = 4096,
+    cfg: CurvatureConfig | None = None,
+    batch_size: int | None = None,
+    max_tokens: int | None | EllipsisType = ...,
     pad_id: int = 0,
     stats: KFACStats | None = None,
-    progress: bool = True,
+    progress: bool = False,
     desc: str = "K-FAC statistics",
 ) -> KFACStats:
     """K-FAC statistics of a causal LM's next-token loss over token sequences (full-sequence loss).
@@ -225,7 +203,15 @@ def collect_lm_stats(
     Every valid position contributes its input activation to A and its output gradient to S; every
     position that has a next token in the sequence contributes a loss term (labels sampled from the
     model, or the sequence's own next token). Adds into `stats` when given (sequential editing, extension).
+
+    Args:
+        cfg: collection settings (default `CurvatureConfig()`); `batch_size` and `max_tokens` default to its
+            values (`max_tokens=None`: no limit).
+        progress: show a progress bar (default False).
     """
+    cfg = cfg if cfg is not None else CurvatureConfig()
+    batch_size = cfg.batch_size if batch_size is None else batch_size
+    max_tokens = cfg.max_tokens if max_tokens is ... else max_tokens
     modules = {n: model.get_submodule(n) for n in target_names}
     device = next(model.parameters()).device
     if stats is None:

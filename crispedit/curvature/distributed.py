@@ -25,7 +25,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from crispedit.curvature.collect import CollectConfig, collect_lm_stats
+from crispedit.config import CurvatureConfig
+from crispedit.curvature.collect import collect_lm_stats
 from crispedit.curvature.stats import KFACStats
 from crispedit.data.corpus import shard
 from crispedit.errors import CrispEditError
@@ -54,10 +55,6 @@ class DistContext:
     device: torch.device = torch.device("cpu")
     backend: str | None = None
     initialised_here: bool = False
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
 
 
 def is_main(ctx: DistContext) -> bool:
@@ -140,7 +137,7 @@ def shutdown(ctx: DistContext) -> None:
         dist.destroy_process_group()
 
 
-def rank_config(cfg: CollectConfig, ctx: DistContext) -> CollectConfig:
+def rank_config(cfg: CurvatureConfig, ctx: DistContext) -> CurvatureConfig:
     """The collection settings of this rank: sampled labels get seed cfg.seed + rank so that ranks draw
     independent label streams (a single process keeps cfg unchanged)."""
     if ctx.world_size <= 1 or ctx.rank == 0:
@@ -229,7 +226,7 @@ def collect_lm_stats_distributed(
     model: nn.Module,
     sequences: Sequence[Sequence[int]],
     target_names: Sequence[str],
-    cfg: CollectConfig = CollectConfig(),
+    cfg: CurvatureConfig | None = None,
     ctx: DistContext | None = None,
     **kw: Any,
 ) -> KFACStats:
@@ -237,14 +234,15 @@ def collect_lm_stats_distributed(
     `sequences` and the shards' sums are all-reduced, so every rank returns the full statistics.
 
     Every rank must pass the same `sequences` and `target_names` and a model with the same weights,
-    placed on `ctx.device`. Keyword arguments go to `collect_lm_stats`; the progress bar is shown on
-    rank 0 only. A `stats=` argument (sequential editing, extension) is added to *after* the reduction,
-    so existing sums are not multiplied by the world size. See the module docstring for how sampled
+    placed on `ctx.device`. Keyword arguments go to `collect_lm_stats`; with `progress=True` the bar is
+    shown on rank 0 only. A `stats=` argument (sequential editing, extension) is added to *after* the
+    reduction, so existing sums are not multiplied by the world size. See the module docstring for how sampled
     labels compare with a single-process run.
     """
     ctx = ctx if ctx is not None else DistContext()
+    cfg = cfg if cfg is not None else CurvatureConfig()
     base: KFACStats | None = kw.pop("stats", None)
-    progress = bool(kw.pop("progress", True)) and is_main(ctx)
+    progress = bool(kw.pop("progress", False)) and is_main(ctx)
     local = collect_lm_stats(model, shard(sequences, ctx.rank, ctx.world_size), target_names,
                              rank_config(cfg, ctx), progress=progress, **kw)
     all_reduce_stats(local, ctx)

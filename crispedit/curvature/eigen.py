@@ -1,6 +1,6 @@
 """Eigenbases of the K-FAC factors (float64 eigh, computed once and cached).
 
-With sink positions kept apart (collect.CollectConfig.sink_tokens > 0) the input basis is built as
+With sink positions kept apart (CurvatureConfig.sink_tokens > 0) the input basis is built as
 [V, U_rest]: V spans the directions holding `sink_energy` of the sink activations' second moment and gets
 eigenvalue +inf (so every product in those columns is always removed), and U_rest diagonalises A
 compressed onto the orthogonal complement of V. The result is still an orthonormal Kronecker eigenbasis,
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from crispedit.curvature.energy import energy_rank
 from crispedit.curvature.stats import LayerStats
 
 
@@ -54,8 +55,7 @@ def _sink_split(A_sink: torch.Tensor, energy: float) -> tuple[torch.Tensor, torc
     total = float(lam.sum())
     if total <= 0:
         return U[:, :0], U
-    r = int(torch.searchsorted(torch.cumsum(lam, 0) / total, torch.tensor(energy, dtype=lam.dtype)).item()) + 1
-    r = min(r, lam.numel())
+    r = min(energy_rank(lam, energy, total) + 1, lam.numel())
     return U[:, :r], U[:, r:]
 
 

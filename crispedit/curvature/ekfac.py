@@ -22,16 +22,17 @@ crispedit's KroneckerProjector with that mask (the mask need not be a "staircase
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping
 
 import math
 
 import torch
 from torch import nn
 
-from crispedit.curvature.collect import CollectConfig, Capture, sqrt_hessian_columns
+from crispedit.config import CurvatureConfig, Labels, Scope
+from crispedit.curvature.collect import Capture, label_losses, sqrt_hessian_columns
 from crispedit.curvature.eigen import LayerEigen
-from crispedit.curvature.projector import KroneckerProjector
+from crispedit.curvature.energy import energy_cutoff_values
 
 
 @dataclass
@@ -74,7 +75,7 @@ class EKFACAccumulator:
         self.sums[name] += (upd * weight).to(self.sums[name].device)
 
     def accumulate_batch(self, modules: dict[str, nn.Module], forward: Callable[[], torch.Tensor],
-                         targets: torch.Tensor, valid: torch.Tensor, cfg: CollectConfig,
+                         targets: torch.Tensor, valid: torch.Tensor, cfg: CurvatureConfig,
                          generator: torch.Generator | None = None) -> None:
         """Same inputs as `collect.accumulate_batch`: logits (*positions, C) with examples along dim 0,
         targets (*positions) with -100 = no loss term, valid (*positions) bool (inputs and output
@@ -92,7 +93,7 @@ class EKFACAccumulator:
 
             inputs = {k: masked(cap.inputs[k]) for k in modules}
             if bool(loss_pos.any()):
-                if cfg.labels == "exact":
+                if cfg.labels == Labels.EXACT:
                     out_logits = logits[loss_pos]
                     cols = list(sqrt_hessian_columns(out_logits))
                     for i, col in enumerate(cols):
@@ -102,20 +103,11 @@ class EKFACAccumulator:
                             if g is not None:
                                 self._add(name, masked(g), inputs[name], 1.0)
                 else:
-                    for m in range(cfg.mc_samples):
-                        if cfg.labels == "sampled":
-                            probs = torch.softmax(logits.detach().double(), dim=-1)
-                            flat = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
-                            y = torch.where(loss_pos, flat.reshape(loss_pos.shape), torch.full_like(targets, -100))
-                        else:
-                            y = targets
-                        lg = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
-                        loss = nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]),
-                                                           y.reshape(-1), reduction="sum", ignore_index=-100)
-                        gs = torch.autograd.grad(loss, outs, retain_graph=m < cfg.mc_samples - 1, allow_unused=True)
+                    for loss, weight, more in label_losses(logits[loss_pos], targets[loss_pos], cfg, generator):
+                        gs = torch.autograd.grad(loss, outs, retain_graph=more, allow_unused=True)
                         for name, g in zip(modules, gs):
                             if g is not None:
-                                self._add(name, masked(g), inputs[name], 1.0 / cfg.mc_samples)
+                                self._add(name, masked(g), inputs[name], weight)
             self.n += int(valid.sum())
 
     def result(self) -> dict[str, EKFACEigen]:
@@ -131,29 +123,11 @@ class EKFACAccumulator:
         return out
 
 
-def energy_cutoff_values(values: Sequence[torch.Tensor] | torch.Tensor, gamma: float) -> float:
-    """Cutoff τ over non-negative curvature values: the values ≥ τ (the largest ones) hold ≥ γ of the sum of
-    the finite values; +inf when nothing needs removing. Same rule as masks.energy_cutoff for products."""
-    if not 0.0 <= gamma < 1.0:
-        raise ValueError(f"gamma must be in [0, 1), got {gamma}")
-    if isinstance(values, torch.Tensor):
-        values = [values]
-    flat = torch.cat([v.reshape(-1).double() for v in values])
-    flat = flat[torch.isfinite(flat)].clamp_min(0.0)
-    total = float(flat.sum())
-    if gamma == 0.0 or total <= 0.0 or flat.numel() == 0:
-        return math.inf
-    s, _ = torch.sort(flat, descending=True)
-    cum = torch.cumsum(s, 0)
-    k = int(torch.searchsorted(cum, torch.tensor(gamma * total, dtype=cum.dtype)).item())
-    return float(s[min(k, s.numel() - 1)])
-
-
 def ekfac_masks(eks: Mapping[str, EKFACEigen], gamma: float, scope: str = "layer") -> dict[str, torch.Tensor]:
     """Bool keep-masks (d_out, d_in): True where the corrected eigenvalue is below the γ-energy cutoff
     (scope "layer": per layer; "global": one cutoff over all layers). Sink columns are never kept."""
-    if scope not in ("layer", "global"):
-        raise ValueError(f"unknown threshold scope {scope!r}; expected 'layer' or 'global'")
+    if scope not in Scope.values():
+        raise ValueError(f"unknown threshold scope {scope!r}; expected one of {Scope.values()}")
 
     def keep(e: EKFACEigen, cut: float) -> torch.Tensor:
         k = e.lam < cut
@@ -164,9 +138,3 @@ def ekfac_masks(eks: Mapping[str, EKFACEigen], gamma: float, scope: str = "layer
         cut = energy_cutoff_values([e.lam for e in eks.values()], gamma)
         return {n: keep(e, cut) for n, e in eks.items()}
     return {n: keep(e, energy_cutoff_values(e.lam, gamma)) for n, e in eks.items()}
-
-
-def ekfac_projectors(eks: Mapping[str, EKFACEigen], gamma: float, scope: str = "layer",
-                     dtype: torch.dtype = torch.float32) -> dict[str, KroneckerProjector]:
-    masks = ekfac_masks(eks, gamma, scope)
-    return {n: KroneckerProjector(e.U_S, e.U_A, masks[n], dtype=dtype) for n, e in eks.items()}

@@ -14,10 +14,12 @@ from typing import Mapping
 
 import torch
 
+from crispedit.config import Scope
 from crispedit.curvature.eigen import LayerEigen
+from crispedit.curvature.energy import energy_cutoff_values
 
 EXACT_SORT_LIMIT = 1 << 25  # above this many products, find the cutoff by bisection instead of a full sort
-SCOPES = ("layer", "global")
+SCOPES = Scope.values()
 
 
 def _finite(e: LayerEigen) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,11 +56,7 @@ def energy_cutoff(eigs: list[LayerEigen], gamma: float, exact: bool | None = Non
     if exact is None:
         exact = n <= EXACT_SORT_LIMIT
     if exact:
-        prods = torch.cat([torch.outer(*_finite(e)).flatten() for e in eigs])
-        prods, _ = torch.sort(prods, descending=True)
-        cum = torch.cumsum(prods, 0)
-        k = int(torch.searchsorted(cum, torch.tensor(gamma * total, dtype=cum.dtype)).item())
-        return float(prods[min(k, prods.numel() - 1)])
+        return energy_cutoff_values([torch.outer(*_finite(e)) for e in eigs], gamma, total=total)
     # Bisection in log space on τ: E(τ) = energy of products ≥ τ is non-increasing in τ.
     hi = max(float(_finite(e)[0][0] * _finite(e)[1][0]) for e in eigs if _finite(e)[1].numel())
     lo = hi * 1e-300

@@ -23,7 +23,7 @@ import torch
 @dataclass
 class LayerStats:
     """Running sums for one target layer. `A_sink`/`n_sink` hold the leading ("attention sink")
-    positions when they are kept apart from A (see `collect.CollectConfig.sink_tokens`)."""
+    positions when they are kept apart from A (see `CurvatureConfig.sink_tokens`)."""
 
     A: torch.Tensor
     S: torch.Tensor

@@ -16,6 +16,7 @@ from typing import Any, Sequence, TypeVar
 
 from tqdm.auto import tqdm
 
+from crispedit.config import CorpusConfig
 from crispedit.errors import CrispEditError
 from crispedit.io import jsonl_records, sha256_json
 
@@ -65,7 +66,7 @@ def _is_wiki_dump(path: Path) -> bool:
     return path.name.endswith((".xml", ".xml.bz2"))
 
 
-def load_documents(source: str | os.PathLike | None, text_field: str = "text") -> list[str]:
+def load_documents(source: str | os.PathLike | None, text_field: str = CorpusConfig.text_field) -> list[str]:
     """Documents of a corpus source.
 
     `None` or "wikipedia": the embedded Wikipedia excerpt (paragraphs of ≥ 200 characters);
@@ -115,7 +116,7 @@ def _unit_hash(*parts: Any) -> float:
     return int.from_bytes(h[:8], "big") / 2**64
 
 
-def split_documents(docs: Sequence[str], heldout_fraction: float = 0.1,
+def split_documents(docs: Sequence[str], heldout_fraction: float = CorpusConfig.heldout_fraction,
                     seed: int = 0) -> tuple[list[str], list[str]]:
     """(train, heldout): each document goes to held-out iff hash(seed, text) < heldout_fraction.
 
@@ -215,10 +216,11 @@ def chunk_document(ids: Sequence[int], max_length: int, prefix: Sequence[int] = 
     return out
 
 
-def _tokenize(tokenizer, docs: Sequence[str]) -> list[list[int]]:
+def _tokenize(tokenizer, docs: Sequence[str], progress: bool = False) -> list[list[int]]:
     out: list[list[int]] = []
     batches = range(0, len(docs), _TOKENIZE_BATCH)
-    for start in tqdm(batches, desc="tokenising corpus", unit="batch", disable=len(batches) < 8, leave=False):
+    for start in tqdm(batches, desc="tokenising corpus", unit="batch", disable=not progress or len(batches) < 8,
+                      leave=False):
         enc = tokenizer(list(docs[start:start + _TOKENIZE_BATCH]), add_special_tokens=False, verbose=False)
         out.extend(list(ids) for ids in enc["input_ids"])
     return out
@@ -230,14 +232,15 @@ def _selection_key(seed: int, index: int, chunk: Sequence[int]) -> tuple[str, in
 
 
 def build_corpus(tokenizer, source: str | os.PathLike | None = None, n_samples: int | None = None,
-                 max_length: int = 256, seed: int = 0, heldout_fraction: float = 0.1, split: str = "train",
-                 split_seed: int = 0, text_field: str = "text",
-                 min_chunk_tokens: int = MIN_CHUNK_TOKENS) -> CapabilityCorpus:
+                 max_length: int = CorpusConfig.max_length, seed: int = CorpusConfig.seed,
+                 heldout_fraction: float = CorpusConfig.heldout_fraction, split: str = "train",
+                 split_seed: int = 0, text_field: str = CorpusConfig.text_field,
+                 min_chunk_tokens: int = MIN_CHUNK_TOKENS, progress: bool = False) -> CapabilityCorpus:
     """Tokenise, chunk and select `n_samples` sequences (all if None) of one split of a corpus.
 
     `seed` chooses which chunks are taken; `split_seed` chooses the train/held-out split and is kept
     separate on purpose: changing the sampling seed must never move documents between the curvature's
-    training data and the held-out evaluation data.
+    training data and the held-out evaluation data. `progress` shows a tokenising bar on large corpora.
     """
     if split not in SPLITS:
         raise CrispEditError(f"unknown corpus split {split!r}; expected one of {', '.join(SPLITS)}")
@@ -255,7 +258,7 @@ def build_corpus(tokenizer, source: str | os.PathLike | None = None, n_samples: 
 
     prefix, suffix = special_tokens_around(tokenizer)
     chunks: list[list[int]] = []
-    for ids in _tokenize(tokenizer, part):
+    for ids in _tokenize(tokenizer, part, progress):
         chunks.extend(chunk_document(ids, max_length, prefix, suffix, min_chunk_tokens))
     if n_samples is not None and len(chunks) < n_samples:
         raise CrispEditError(f"corpus {label} has only {len(chunks)} chunks of ≤{max_length} tokens in split "

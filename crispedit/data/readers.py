@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from crispedit.data.records import EditRequest, LocalityPrompt
-from crispedit.errors import CrispEditError
+from crispedit.errors import CrispEditError, CrispEditWarning
 from crispedit.io import atomic_path, jsonl_records, sha256_json
 
 FORMATS = ("counterfact", "zsre", "wikibigedit", "crispedit")
@@ -304,7 +304,8 @@ def load_requests(path: str | os.PathLike, fmt: str = "auto", limit: int | None 
         requests.append(req)
         indices.append(i)
     if skipped:
-        warnings.warn(f"skipped {len(skipped)} invalid record(s): " + "; ".join(skipped), stacklevel=2)
+        warnings.warn(f"skipped {len(skipped)} invalid record(s): " + "; ".join(skipped), CrispEditWarning,
+                      stacklevel=2)
     if not requests:
         raise CrispEditError(f"{path.name}: contains no valid edit requests")
     _warn_duplicates(path, requests, indices)
@@ -319,7 +320,8 @@ def _warn_duplicates(path: Path, requests: Sequence[EditRequest], indices: Seque
     if dups:
         shown = "; ".join("records " + ", ".join(map(str, ix)) for ix in dups[:10])
         more = f" (and {len(dups) - 10} more)" if len(dups) > 10 else ""
-        warnings.warn(f"{path.name}: {len(dups)} duplicate (prompt, target) pair(s): {shown}{more}", stacklevel=3)
+        warnings.warn(f"{path.name}: {len(dups)} duplicate (prompt, target) pair(s): {shown}{more}", CrispEditWarning,
+                      stacklevel=3)
 
 
 def save_requests(path: str | os.PathLike, requests: Iterable[EditRequest]) -> None:

@@ -4,6 +4,7 @@ All three run through this one loop, so comparisons differ in the projection onl
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -14,16 +15,17 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from crispedit.data.records import EditRequest
+from crispedit.config import PROJECTION_FOR_METHOD, EditConfig  # noqa: F401 - PROJECTION_FOR_METHOD re-exported
 from crispedit.editing.batches import build_training
-from crispedit.editing.config import EditConfig
 from crispedit.editing.delta import EditDelta, materialize
 from crispedit.editing.forward import EditForward, per_sequence_mean
 from crispedit.editing.lora import LoRAAdam
 from crispedit.editing.optim import ProjectedAdam
 from crispedit.errors import CrispEditError, DivergenceError
-from crispedit.models.targets import weight_matrix
+from crispedit.models.runtime import frozen_parameters, pad_id_of
+from crispedit.models.targets import as_weight_matrix, weight_matrix
 
-PROJECTION_FOR_METHOD = {"crispedit": "kfac", "adam-nscl": "nscl", "ft": None, "locbf-ft": None, "lora": None}
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -40,25 +42,20 @@ class EditResult:
     diagnostics: dict[str, Any] = field(default_factory=dict)
 
 
-def _weight_param(module: nn.Module) -> tuple[nn.Parameter, bool]:
-    from transformers.pytorch_utils import Conv1D
-
-    return module.weight, isinstance(module, Conv1D)
-
-
 def build_projectors(curvature, cfg: EditConfig, device) -> dict[str, Any] | None:
-    kind = PROJECTION_FOR_METHOD[cfg.method]
+    kind = cfg.projection
     if kind is None:
         return None
     if curvature is None:
-        raise CrispEditError(f"method {cfg.method!r} needs a curvature cache (--curvature)")
+        raise CrispEditError(f"method {cfg.method!r} needs a curvature", hint={"curvature": ...})
     return curvature.projectors(cfg.gamma, cfg.scope, kind=kind, device=device)
 
 
 def edit(model: nn.Module, tokenizer, requests: Sequence[EditRequest], targets: Sequence[str], cfg: EditConfig,
-         curvature=None, projectors: Mapping[str, Any] | None = None, progress: bool = True,
-         record: dict[str, Any] | None = None) -> EditResult:
-    """Edit `model` in place and return the delta (with its record). On NaN/inf the weights are restored."""
+         curvature=None, projectors: Mapping[str, Any] | None = None, progress: bool = False,
+         record: dict[str, Any] | None = None, base_fingerprint: str | None = None) -> EditResult:
+    """Edit `model` in place and return the delta (with its record). On NaN/inf the weights are restored.
+    `base_fingerprint`: the targeted weights' fingerprint when the caller already knows it (not re-hashed)."""
     from crispedit.data.readers import requests_fingerprint
     from crispedit.models.fingerprint import weights_fingerprint
 
@@ -72,14 +69,14 @@ def edit(model: nn.Module, tokenizer, requests: Sequence[EditRequest], targets: 
         raise CrispEditError(f"the curvature cache covers {curvature.targets}, but the edit targets are {targets}")
     modules = {n: model.get_submodule(n) for n in targets}
     base = {n: weight_matrix(m).clone() for n, m in modules.items()}
-    base_fp = weights_fingerprint(model, targets)
+    base_fp = base_fingerprint or weights_fingerprint(model, targets)
     deltas = {n: torch.zeros(b.shape, dtype=torch.float32, device=device) for n, b in base.items()}
     shapes = {n: tuple(b.shape) for n, b in base.items()}
     if cfg.method == "lora":
         opt = LoRAAdam(shapes, rank=cfg.lora_rank, alpha=cfg.lora_alpha, lr=cfg.lr, device=device, seed=cfg.seed)
     else:
         opt = ProjectedAdam(shapes, projectors, lr=cfg.lr, mode=cfg.projection_mode, device=device)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_id_of(tokenizer)
     seqs, prefixes = build_training(model, tokenizer, requests, cfg.contexts, cfg.prefixes, cfg.seed)
     owner = [s.request for s in seqs]
     lengths = [len(s.pair.input_ids) for s in seqs]
@@ -87,8 +84,8 @@ def edit(model: nn.Module, tokenizer, requests: Sequence[EditRequest], targets: 
     fwd = EditForward(model, targets, [s.pair for s in seqs], pad_id, cache_prefix=cfg.cache_prefix,
                       logits_at_targets=cfg.target_logits)
 
-    params = {n: _weight_param(m) for n, m in modules.items()}
-    flags = [(p, p.requires_grad) for p in model.parameters()]
+    params = {n: m.weight for n, m in modules.items()}
+    frozen = frozen_parameters(model, trainable=params.values())  # only the target weights are trained
     was_training = model.training
     step_losses: list[float] = []
     step_seconds: list[float] = []
@@ -98,10 +95,7 @@ def edit(model: nn.Module, tokenizer, requests: Sequence[EditRequest], targets: 
     t0 = time.perf_counter()
     model.eval()  # no dropout: the edit loss is deterministic
     try:
-        for p, _ in flags:
-            p.requires_grad_(False)
-        for p, _ in params.values():
-            p.requires_grad_(True)
+        frozen.__enter__()
         bar = tqdm(range(cfg.epochs), desc=f"edit ({cfg.method})", disable=not progress, unit="epoch")
         for epoch in bar:
             per_seq_loss = [math.nan] * len(seqs)
@@ -116,8 +110,8 @@ def edit(model: nn.Module, tokenizer, requests: Sequence[EditRequest], targets: 
                 step += 1
                 if not torch.isfinite(loss):
                     raise DivergenceError(f"step {step}: the edit loss is {float(loss)}")
-                grads = torch.autograd.grad(loss, [p for p, _ in params.values()])
-                gmats = {n: (g.T if params[n][1] else g) for n, g in zip(params, grads)}
+                grads = torch.autograd.grad(loss, list(params.values()))
+                gmats = {n: as_weight_matrix(modules[n], g) for n, g in zip(params, grads)}
                 with torch.no_grad():
                     opt.apply(gmats, deltas)
                     for n in deltas:
@@ -149,8 +143,7 @@ def edit(model: nn.Module, tokenizer, requests: Sequence[EditRequest], targets: 
                 weight_matrix(m).copy_(base[n])
         raise
     finally:
-        for p, f in flags:
-            p.requires_grad_(f)
+        frozen.__exit__(None, None, None)
         model.train(was_training)
 
     seconds = time.perf_counter() - t0
@@ -173,6 +166,8 @@ def edit(model: nn.Module, tokenizer, requests: Sequence[EditRequest], targets: 
     delta = EditDelta.from_base(model, base, deltas, rec)
     diag = diagnostics(delta.deltas, curvature, cfg)
     delta.record["diagnostics"] = diag
+    logger.info("edit (%s): %d request(s), %d step(s), final loss %.4f, %.1f s", cfg.method, len(requests), step,
+                epoch_losses[-1] if epoch_losses else math.nan, seconds)
     return EditResult(delta, step_losses, epoch_losses, request_losses, step_seconds, step, len(epoch_losses),
                       stopped, seconds, diag)
 

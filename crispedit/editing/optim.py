@@ -16,7 +16,6 @@ For FT (no projector) all three are plain Adam.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Mapping
 
 import torch
@@ -67,5 +66,3 @@ class ProjectedAdam:
         for name, u in self.step(grads).items():
             deltas[name] -= u
 
-    def state_finite(self) -> bool:
-        return all(math.isfinite(float(t.abs().sum())) for t in (*self.m.values(), *self.v.values()))

@@ -1,43 +1,137 @@
-"""One edit job end to end (the library call behind `crispedit edit` and the demo): read requests, load the
-curvature, edit (batch or sequential), and write the output folder atomically:
+"""One edit job end to end (the library call behind `crispedit edit`): read the curvature, edit (batch or
+sequential), and write the output folder atomically:
 
     OUT/delta/      ΔW per target (safetensors) + record (applies to / reverts from the base bit-exactly)
     OUT/model/      the edited model (save_pretrained; the input model is never written)
     OUT/run.json    configuration, curvature facts, losses, timings, diagnostics
+
+`edit_model` is the in-memory call (no files): edit a model under a `Curvature` and get the delta back.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
+from crispedit.config import LAYERS_HELP, CorpusConfig, EditConfig, option
 from crispedit.data.records import EditRequest
-from crispedit.editing.config import EditConfig
-from crispedit.errors import CrispEditError
+from crispedit.errors import ConfigError, CrispEditError, OutputExistsError
 from crispedit.io import atomic_dir
+
+if TYPE_CHECKING:
+    from crispedit.curvature.api import Curvature
+    from crispedit.editing.engine import EditResult
+
+logger = logging.getLogger(__name__)
+RUN_RECORD = "run.json"
+DELTA_DIR = "delta"
+MODEL_DIR = "model"
 
 
 @dataclass
 class EditJob:
+    """What `run_edit` does: the requests, the hyper-parameters, and the run's options (each documented field
+    is also a `crispedit edit` flag)."""
+
     requests: Sequence[EditRequest]
     cfg: EditConfig
-    curvature_path: str | None = None
-    targets: Any = None  # layer spec when there is no curvature (FT)
-    sequential: bool = False
-    chunk_size: int = 100
-    state_dir: str | None = None
-    resume: bool = False
-    edit_weight: int = 1  # sequential: each edit token counts this many times in the merged statistics
-    save_model: bool = True
-    allow_cache_mismatch: bool = False
+    curvature_path: str | None = option(None, "curvature cache (needed by crispedit and adam-nscl)",
+                                        flag="--curvature", metavar="CACHE")
+    targets: Any = option(None, LAYERS_HELP + " (FT without a cache)", flag="--layers", metavar="SPEC",
+                          type=str | None)
+    sequential: bool = option(False, "CrispEdit-Seq: edit in chunks, each chunk's statistics become constraints")
+    chunk_size: int = option(100, "sequential: edit requests per chunk", low=1)
+    state_dir: str | None = option(None, "sequential state folder (default: OUT.state)", flag="--state",
+                                   metavar="DIR")
+    resume: bool = option(False, "continue a sequential state")
+    edit_weight: int = option(1, "sequential: count each edit token N times when a chunk's statistics are merged "
+                                 "(protects earlier edits more; a resumed state keeps its own weight)", low=1,
+                              metavar="N")
+    save_model: bool = option(True, "write the edited model (model/) besides the delta",
+                              off_help="write only the delta")
+    allow_cache_mismatch: bool = option(False, "use a cache computed for other weights anyway")
     source: dict[str, Any] | None = None  # where the requests came from (file, format)
 
 
+def is_edit_run(folder: str | Path) -> bool:
+    """Whether `folder` is the output folder of `run_edit` (it holds run.json and model/)."""
+    folder = Path(folder)
+    return (folder / RUN_RECORD).is_file() and (folder / MODEL_DIR).is_dir()
+
+
+def read_run_record(folder: str | Path) -> dict[str, Any]:
+    """The run.json of an edit run folder."""
+    path = Path(folder) / RUN_RECORD
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CrispEditError(f"{path}: invalid JSON ({e})") from None
+
+
+def _check_context(tokenizer, cfg: EditConfig) -> None:
+    if "chat" in cfg.contexts and getattr(tokenizer, "chat_template", None) is None:
+        raise ConfigError("EditConfig.contexts: 'chat' needs a tokenizer with a chat template; this one has none",
+                          field="contexts", value=cfg.contexts)
+
+
+def edit_model(model, tokenizer, requests: Sequence[EditRequest], curvature: "Curvature | None" = None,
+               config: EditConfig | None = None, *, targets: Any = None, allow_mismatch: bool = False,
+               progress: bool = False) -> "EditResult":
+    """Edit `model` in place under the low-curvature constraint and return the result (its `.delta` reverts it).
+
+    Args:
+        model, tokenizer: the model to edit and its tokenizer.
+        requests: the edit requests (`load_requests(path)`).
+        curvature: the capability curvature (`collect_curvature` or `Curvature.load`); the edit targets are its
+            targets. Needed by every method but `ft`.
+        config: the hyper-parameters (default `EditConfig()`: CrispEdit, γ 0.9, lr 5e-3).
+        targets: the layers to edit without a curvature (FT; default: the model type's); with a curvature it
+            must select the curvature's targets.
+        allow_mismatch: use a curvature computed for other weights.
+        progress: show a progress bar (default False).
+
+    Raises:
+        CrispEditError: no curvature for a method that needs one, targets other than the curvature's.
+        CacheMismatchError: the curvature was computed for other weights (and `allow_mismatch` is False).
+        DivergenceError: the loss became NaN/inf (the weights are restored).
+    """
+    from crispedit.editing.engine import edit
+    from crispedit.models.targets import resolve_targets
+
+    cfg = config if config is not None else EditConfig()
+    _check_context(tokenizer, cfg)
+    fingerprint = None
+    if curvature is None:
+        if cfg.projection is not None:
+            raise CrispEditError(f"method {cfg.method!r} needs a curvature", hint={"curvature": ...})
+        names = resolve_targets(model, targets)
+    else:
+        names = curvature.targets
+        if targets is not None and resolve_targets(model, targets) != names:
+            raise CrispEditError(f"{{targets}} selects {resolve_targets(model, targets)}, but the curvature covers "
+                                 f"{names}", params={"targets": targets})
+        if not allow_mismatch:
+            fingerprint = curvature.check_model(model)["weights_sha256"]
+    return edit(model, tokenizer, requests, names, cfg, curvature=curvature, progress=progress,
+                base_fingerprint=fingerprint)
+
+
 def run_edit(model, tokenizer, job: EditJob, out: str | Path, overwrite: bool = False,
-             progress: bool = True) -> dict[str, Any]:
+             progress: bool = False) -> dict[str, Any]:
+    """Run `job` on `model` (edited in place) and write the output folder `out` (see the module docstring).
+
+    Returns:
+        The run record (what run.json holds).
+
+    Raises:
+        OutputExistsError: `out` exists, is not empty, and `overwrite` is False.
+        CrispEditError: no curvature for a method that needs one; targets other than the curvature's.
+        CacheMismatchError: the curvature was computed for other weights (`job.allow_cache_mismatch` overrides).
+    """
     from crispedit.curvature.api import Curvature
     from crispedit.editing.engine import diagnostics as edit_diagnostics
     from crispedit.editing.engine import edit
@@ -46,20 +140,25 @@ def run_edit(model, tokenizer, job: EditJob, out: str | Path, overwrite: bool = 
 
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise CrispEditError(f"output folder {out} exists and is not empty (choose another, or --force)")
+        raise OutputExistsError(f"output folder {out} exists and is not empty", hint={"overwrite": True},
+                                hint_text="choose another, or pass {fix}")
+    _check_context(tokenizer, job.cfg)
     t0 = time.perf_counter()
-    curvature = None
+    curvature, fingerprint = None, None
     if job.curvature_path:
-        curvature = Curvature.load(job.curvature_path, model=model, allow_mismatch=job.allow_cache_mismatch,
-                                   device="cpu")
+        # The model is checked once here and its fingerprint carried into the edit (not computed again).
+        curvature = Curvature.load(job.curvature_path, device="cpu")
+        if not job.allow_cache_mismatch:
+            fingerprint = curvature.check_model(model, where=str(job.curvature_path))["weights_sha256"]
         targets = curvature.targets
         if job.targets is not None:
             asked = resolve_targets(model, job.targets)
             if asked != targets:
-                raise CrispEditError(f"--layers selects {asked}, but the curvature cache covers {targets}")
+                raise CrispEditError(f"{{targets}} selects {asked}, but the curvature cache covers {targets}",
+                                     params={"targets": job.targets})
     else:
-        if job.cfg.method != "ft":
-            raise CrispEditError(f"method {job.cfg.method!r} needs a curvature cache (--curvature)")
+        if job.cfg.projection is not None:
+            raise CrispEditError(f"method {job.cfg.method!r} needs a curvature cache", hint={"curvature_path": ...})
         targets = resolve_targets(model, job.targets)
 
     chunks_log = None
@@ -67,12 +166,13 @@ def run_edit(model, tokenizer, job: EditJob, out: str | Path, overwrite: bool = 
         from crispedit.editing.sequential import SequentialEditor
 
         if curvature is None:
-            raise CrispEditError("sequential editing needs a curvature cache (--curvature)")
+            raise CrispEditError("sequential editing needs a curvature cache", hint={"curvature_path": ...})
         state = Path(job.state_dir or f"{out}.state")
         if job.resume:
             ed = SequentialEditor.open(state, model)
         else:
-            ed = SequentialEditor.create(state, model, curvature, job.cfg, edit_weight=job.edit_weight)
+            ed = SequentialEditor.create(state, model, curvature, job.cfg, edit_weight=job.edit_weight,
+                                         base_fingerprint=fingerprint)
         results = []
         t_seq = time.perf_counter()
         for i in range(0, len(job.requests), job.chunk_size):
@@ -87,7 +187,8 @@ def run_edit(model, tokenizer, job: EditJob, out: str | Path, overwrite: bool = 
                             seconds=time.perf_counter() - t_seq,
                             final_loss=chunks_log[-1]["final_loss"] if chunks_log else None)
     else:
-        res = edit(model, tokenizer, job.requests, targets, job.cfg, curvature=curvature, progress=progress)
+        res = edit(model, tokenizer, job.requests, targets, job.cfg, curvature=curvature, progress=progress,
+                   base_fingerprint=fingerprint)
         delta = res.delta
         step_losses, request_losses, diagnostics = res.step_losses, res.request_losses, res.diagnostics
     budget = None
@@ -114,11 +215,12 @@ def run_edit(model, tokenizer, job: EditJob, out: str | Path, overwrite: bool = 
         "seconds_edit": time.perf_counter() - t0,
     }
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        delta.save(tmp / "delta")
+        delta.save(tmp / DELTA_DIR)
         if job.save_model:
-            save_model(model, tokenizer, tmp / "model")
+            save_model(model, tokenizer, tmp / MODEL_DIR)
         record["seconds_total"] = time.perf_counter() - t0
-        (tmp / "run.json").write_text(json.dumps(record, indent=2) + "\n")
+        (tmp / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    logger.info("edit run written to %s in %.1f s", out, record["seconds_total"])
     return record
 
 
@@ -132,9 +234,10 @@ def apply_kl_budget(model, tokenizer, delta, cfg: EditConfig, curvature=None) ->
 
     first = ((curvature.record.get("corpora") or [{}])[0] if curvature is not None else {}) or {}
     source = None if first.get("source") in (None, "wikipedia") else first["source"]
-    heldout = build_corpus(tokenizer, source, n_samples=cfg.budget_samples, max_length=256, split="heldout",
-                           heldout_fraction=first.get("heldout_fraction", 0.1),
-                           split_seed=first.get("split_seed", 0), text_field=first.get("text_field", "text"))
+    defaults = CorpusConfig()
+    heldout = build_corpus(tokenizer, source, n_samples=cfg.budget_samples, max_length=defaults.max_length,
+                           split="heldout", heldout_fraction=first.get("heldout_fraction", defaults.heldout_fraction),
+                           split_seed=first.get("split_seed", 0), text_field=first.get("text_field", defaults.text_field))
     cert = enforce_kl_budget(model, delta, heldout.sequences, cfg.max_kl, pad_id=pad_id_of(tokenizer))
     cert["corpus"] = heldout.describe()
     delta.record["kl_budget"] = cert

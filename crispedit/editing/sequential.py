@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from crispedit.config import CurvatureConfig
 from crispedit.curvature.api import Curvature
 from crispedit.curvature.collect import collect_lm_stats
 from crispedit.data.records import EditRequest
@@ -29,17 +30,20 @@ from crispedit.editing.delta import EditDelta
 from crispedit.editing.engine import EditResult, edit
 from crispedit.errors import CrispEditError
 from crispedit.io import atomic_dir
+from crispedit.models.runtime import pad_id_of
 from crispedit.models.targets import target_weight
 
 STATE_FORMAT = "crispedit-sequential-state"
 
 
 class SequentialEditor:
-    def __init__(self, path: Path, curvature: Curvature, base: dict[str, torch.Tensor], state: dict[str, Any]):
+    def __init__(self, path: Path, curvature: Curvature, base: dict[str, torch.Tensor], state: dict[str, Any],
+                 current_fingerprint: str | None = None):
         self.path = Path(path)
         self.curvature = curvature
         self.base = base
         self.state = state
+        self._current_fp = current_fingerprint  # the model's target weights now, when known (not re-hashed)
 
     @property
     def targets(self) -> list[str]:
@@ -47,7 +51,7 @@ class SequentialEditor:
 
     @property
     def config(self) -> EditConfig:
-        return EditConfig(**self.state["config"])
+        return EditConfig.from_dict(self.state["config"], source=f"{self.path / 'state.json'}: config")
 
     @property
     def edit_weight(self) -> int:
@@ -55,25 +59,26 @@ class SequentialEditor:
 
     @classmethod
     def create(cls, path: str | Path, model: nn.Module, curvature: Curvature, cfg: EditConfig,
-               overwrite: bool = False, edit_weight: int = 1) -> "SequentialEditor":
+               overwrite: bool = False, edit_weight: int = 1,
+               base_fingerprint: str | None = None) -> "SequentialEditor":
         """`edit_weight` counts each edit token that many times when a chunk's statistics are merged: a few
         hundred edit tokens against tens of thousands of capability tokens otherwise hold little curvature
-        energy, and the γ threshold barely protects earlier edits."""
-        from crispedit.models.fingerprint import weights_fingerprint
-
+        energy, and the γ threshold barely protects earlier edits. `base_fingerprint`: the model's targeted
+        weights fingerprint when the caller has already checked the model against `curvature`."""
         path = Path(path)
         if path.exists() and any(path.iterdir()) and not overwrite:
-            raise CrispEditError(f"sequential state {path} already exists; resume it with --resume or choose "
-                                 "another folder")
-        curvature.check_model(model)
+            raise CrispEditError(f"sequential state {path} already exists", hint={"resume": True},
+                                 hint_text="continue it with {fix}, or choose another folder")
+        if base_fingerprint is None:
+            base_fingerprint = curvature.check_model(model)["weights_sha256"]
         targets = curvature.targets
         base = {n: target_weight(model, n).detach().clone().cpu() for n in targets}
         state = {"format": STATE_FORMAT, "format_version": 1, "targets": targets,
-                 "base_weights_sha256": weights_fingerprint(model, targets), "config": cfg.to_json(),
+                 "base_weights_sha256": base_fingerprint, "config": cfg.to_json(),
                  "chunks": [], "n_edits": 0, "edit_weight": int(edit_weight)}
         if int(edit_weight) != edit_weight or edit_weight < 1:
             raise CrispEditError(f"the edit statistics weight must be a positive integer, got {edit_weight}")
-        ed = cls(path, curvature, base, state)
+        ed = cls(path, curvature, base, state, current_fingerprint=base_fingerprint)
         ed._save(model)
         return ed
 
@@ -103,21 +108,21 @@ class SequentialEditor:
                 W.copy_(w[f"{n}.current"].to(device=W.device, dtype=W.dtype))
         return cls(path, curvature, base, state)
 
-    def edit_chunk(self, model: nn.Module, tokenizer, requests: Sequence[EditRequest], progress: bool = True,
+    def edit_chunk(self, model: nn.Module, tokenizer, requests: Sequence[EditRequest], progress: bool = False,
                    cfg: EditConfig | None = None) -> EditResult:
         """Edit one chunk under the accumulated constraints, then add the chunk's statistics to them."""
         cfg = cfg or self.config
         k = len(self.state["chunks"])
         cfg = dataclasses.replace(cfg, seed=cfg.seed + k)
         result = edit(model, tokenizer, requests, self.targets, cfg, curvature=self.curvature, progress=progress,
-                      record={"chunk": k})
+                      record={"chunk": k}, base_fingerprint=self._current_fp)
+        self._current_fp = result.delta.record["edited_weights_sha256"]
         prefixes = result.delta.record.get("prefixes") or []
         seqs = [s.pair.input_ids for s in training_sequences(tokenizer, requests, cfg.contexts, prefixes,
                                                                  min(cfg.prefixes, len(prefixes)), cfg.seed)]
-        base_cfg = self.curvature_collect_config()
+        base_cfg = self.curvature.config
         ccfg = dataclasses.replace(base_cfg, seed=base_cfg.seed + 7919 * (k + 1))
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        chunk_stats = collect_lm_stats(model, seqs, self.targets, ccfg, pad_id=pad, progress=False,
+        chunk_stats = collect_lm_stats(model, seqs, self.targets, ccfg, pad_id=pad_id_of(tokenizer), progress=False,
                                        desc="edit statistics")
         stats = self.curvature.stats.clone().add_(chunk_stats.scaled_(self.edit_weight))
         record = dict(self.curvature.record)
@@ -135,10 +140,8 @@ class SequentialEditor:
         self._save(model)
         return result
 
-    def curvature_collect_config(self):
-        from crispedit.curvature.api import CurvatureConfig
-
-        return CurvatureConfig(**self.curvature.record["collection"]).collect_config()
+    def curvature_collect_config(self) -> CurvatureConfig:
+        return self.curvature.config
 
     def cumulative_delta(self, model: nn.Module) -> EditDelta:
         """ΔW of all chunks so far relative to the base, as a delta that applies to the base model."""

@@ -21,6 +21,7 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from crispedit.config import Benchmark
 from crispedit.errors import CrispEditError
 from crispedit.evaluation.generation import eval_mode, generate_greedy, model_device, pad_id_of
 from crispedit.evaluation.logprobs import accepts_logits_to_keep, target_predictions
@@ -30,7 +31,7 @@ from crispedit.io import jsonl_records
 
 ENV_ROOT = "CRISPEDIT_BENCHMARKS"
 DEFAULT_ROOT = Path("..") / "shared" / "data" / "benchmarks"
-MC_TASKS = ("mmlu", "arc", "truthfulqa")
+MC_TASKS = Benchmark.values()
 
 
 @dataclass(frozen=True)

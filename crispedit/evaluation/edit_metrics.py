@@ -104,7 +104,7 @@ def evaluate_edits(edited_model, tokenizer, requests: Sequence[EditRequest], bas
                    generated_contexts: Sequence[str] = ("raw", "qa"), judge: Judge | None = None,
                    max_new_tokens: int = 40, stop_strings: Sequence[str] = DEFAULT_STOP_STRINGS,
                    batch_size: int = 16, generation_batch_size: int = 16,
-                   show_progress: bool = True, base_memo: dict | None = None) -> dict[str, Any]:
+                   show_progress: bool = False, base_memo: dict | None = None) -> dict[str, Any]:
     """Reliability, generalization and locality of `edited_model` on `requests`.
 
     `base_model=None` means the model evaluated IS the base: locality against the base is 1 by

@@ -14,10 +14,12 @@ from tqdm.auto import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from crispedit.evaluation.text import contains_stop, truncate_at_stop
-from crispedit.formatting import collate
+from crispedit.formatting import END_OF_TURN_TOKENS, collate
+from crispedit.models.runtime import pad_id_of  # noqa: F401 - re-exported (evaluation modules import it here)
 
 DEFAULT_STOP_STRINGS: tuple[str, ...] = ("\n", ".")
-_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|endoftext|>")
+# A generation also ends at GPT-style end-of-text, which is not a chat end-of-turn token.
+_END_OF_TURN = END_OF_TURN_TOKENS + ("<|endoftext|>",)
 
 
 def model_device(model) -> torch.device:
@@ -36,15 +38,6 @@ def eval_mode(*models) -> Iterator[None]:
     finally:
         for m, was_training in flags:
             m.train(was_training)
-
-
-def pad_id_of(tokenizer) -> int:
-    """The padding id: the tokenizer's pad token, else its EOS (padding is masked, so either is sound)."""
-    if tokenizer.pad_token_id is not None:
-        return int(tokenizer.pad_token_id)
-    if tokenizer.eos_token_id is not None:
-        return int(tokenizer.eos_token_id)
-    return 0
 
 
 def default_stop_ids(tokenizer) -> list[int]:

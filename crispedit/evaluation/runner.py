@@ -2,66 +2,41 @@
 
 from __future__ import annotations
 
+import logging
 import time
-from dataclasses import asdict, dataclass
 from typing import Any, Mapping, Sequence
 
+from crispedit.config import EvalConfig
 from crispedit.data.records import EditRequest
-from crispedit.evaluation.benchmarks import MC_TASKS, gsm8k_exact_match, run_mc_benchmark
+from crispedit.errors import ConfigError
+from crispedit.evaluation.benchmarks import gsm8k_exact_match, run_lm_eval, run_mc_benchmark
 from crispedit.evaluation.capability import capability_metrics
 from crispedit.evaluation.edit_metrics import evaluate_edits
-from crispedit.evaluation.generation import pad_id_of
 from crispedit.evaluation.judges import Judge
 from crispedit.evaluation.report import EvalReport, build_report
 from crispedit.errors import CrispEditError
 from crispedit.formatting import resolve_contexts
+from crispedit.models.runtime import pad_id_of
 
-
-@dataclass
-class EvalConfig:
-    """Which protocols to run, on how many items, with which seeds and batch sizes."""
-
-    teacher_forced: bool = True
-    teacher_forced_context: str = "raw"
-    generated_contexts: tuple[str, ...] = ("auto",)  # qa, chat (if the tokenizer has a template), raw
-    max_new_tokens: int = 40
-    benchmarks: tuple[str, ...] = ("mmlu", "arc", "truthfulqa")
-    benchmark_limit: int | None = 200
-    benchmark_seed: int = 0
-    benchmarks_root: str | None = None
-    benchmarks_on_base: bool = False  # also score the base model (reported as "<task>_base")
-    gsm8k: bool = False
-    gsm8k_limit: int | None = 50
-    batch_size: int = 16
-    generation_batch_size: int = 16
-    capability_batch_size: int = 4
-    show_progress: bool = True
-
-    def __post_init__(self) -> None:
-        self.generated_contexts = tuple(self.generated_contexts)
-        self.benchmarks = tuple(self.benchmarks)
-        for b in self.benchmarks:
-            if b not in MC_TASKS:
-                raise CrispEditError(f"unknown benchmark {b!r}; expected some of {MC_TASKS} (GSM8K: gsm8k=True)")
-
-    def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["generated_contexts"] = list(self.generated_contexts)
-        d["benchmarks"] = list(self.benchmarks)
-        return d
+logger = logging.getLogger(__name__)
 
 
 def evaluate(edited_model, base_model, tokenizer, requests: Sequence[EditRequest], heldout_sequences: Any = None,
              config: EvalConfig | None = None, run_config: Mapping[str, Any] | None = None,
-             judge: Judge | None = None) -> EvalReport:
+             judge: Judge | None = None, edited_path: str | None = None) -> EvalReport:
     """Edit metrics, capability metrics and benchmarks of `edited_model`, as an `EvalReport`.
 
     `base_model=None` evaluates the base itself: locality = 1, KL = 0 and perplexity_edited =
     perplexity_base by definition (the report says so). `heldout_sequences` is a list of token-id
     lists or an object with `.sequences` (and optionally `.describe()`), e.g. a CapabilityCorpus;
     None skips perplexity and KL. `run_config` is the run's configuration, stored in the report.
+    `edited_path` is the edited model's folder, needed by `config.lm_eval_tasks` (lm-evaluation-harness reads
+    the model from disk).
     """
     cfg = config or EvalConfig()
+    if cfg.lm_eval_tasks and edited_path is None:
+        raise ConfigError("EvalConfig.lm_eval_tasks: lm-evaluation-harness reads the edited model from a folder",
+                          field="lm_eval_tasks", value=cfg.lm_eval_tasks, hint={"edited_path": ...})
     same = base_model is None or base_model is edited_model
     wall: dict[str, float] = {}
     t_all = time.perf_counter()
@@ -109,7 +84,14 @@ def evaluate(edited_model, base_model, tokenizer, requests: Sequence[EditRequest
                                                              batch_size=cfg.generation_batch_size,
                                                              show_progress=cfg.show_progress)
             wall[f"gsm8k{suffix}"] = time.perf_counter() - t
+    if cfg.lm_eval_tasks:
+        t = time.perf_counter()
+        device = str(next(edited_model.parameters()).device)
+        benchmarks["lm_eval"] = run_lm_eval(edited_path, cfg.lm_eval_tasks, limit=cfg.benchmark_limit,
+                                            batch_size=cfg.batch_size, device=device)
+        wall["lm_eval"] = time.perf_counter() - t
     wall["total"] = time.perf_counter() - t_all
+    logger.info("evaluation: %s", ", ".join(f"{k} {v:.1f} s" for k, v in wall.items()))
 
     meta = {"wall_time_s": wall, "base_model_given": not same,
             "judge": getattr(judge, "name", None), "device": str(next(edited_model.parameters()).device)}

@@ -56,7 +56,6 @@ DTYPES: dict[str, torch.dtype | str] = {
     "float16": torch.float16,
     "auto": "auto",
 }
-MODEL_KINDS = ("embedded", "gguf", "local", "hub")
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
@@ -256,7 +255,8 @@ def _parse_device(device: str) -> torch.device:
         raise CrispEditError(f"unknown device {device!r}; expected 'cpu', 'cuda' or 'cuda:N'") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise CrispEditError(f"device {device!r} requested but PyTorch sees no CUDA GPU; use --device cpu")
+            raise CrispEditError(f"device {device!r} requested but PyTorch sees no CUDA GPU",
+                                 hint={"device": "cpu"}, hint_text="use {fix}")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise CrispEditError(f"device {device!r} requested but only {torch.cuda.device_count()} GPU(s) exist")
         if dev.index is None:

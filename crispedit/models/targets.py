@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from crispedit.errors import CrispEditError
+from crispedit.errors import CrispEditError, NoTargetModulesError
 
 TargetSpec = str | Sequence[str] | None
 
@@ -52,10 +52,6 @@ DEFAULT_LAYER_COUNT = 3
 # Characters that make an item a regex (braces alone are range templates; "." is a path separator).
 _REGEX_CHARS = set("*+?[]()|^$\\")
 _RANGE_PART = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
-
-
-class NoTargetModulesError(CrispEditError, ValueError):
-    """A target name or pattern does not select any editable (Linear/Conv1D) layer."""
 
 
 @dataclass(frozen=True)
@@ -92,9 +88,13 @@ def weight_matrix(module: nn.Module) -> torch.Tensor:
 
     In-place writes to the returned tensor change the module (use under `torch.no_grad()`).
     """
+    return as_weight_matrix(module, module.weight.detach())
+
+
+def as_weight_matrix(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """A tensor laid out like `module.weight` (e.g. its gradient) as `[d_out, d_in]` (a view for Conv1D)."""
     _check_editable(module)
-    w = module.weight.detach()
-    return w.T if isinstance(module, Conv1D) else w
+    return t.T if isinstance(module, Conv1D) else t
 
 
 def target_weight(model: nn.Module, name: str) -> torch.Tensor:
@@ -116,9 +116,7 @@ def grad_matrix(module: nn.Module) -> torch.Tensor | None:
     """The weight's gradient as `[d_out, d_in]` (a view of `.grad`), or None when there is none."""
     _check_editable(module)
     g = module.weight.grad
-    if g is None:
-        return None
-    return g.T if isinstance(module, Conv1D) else g
+    return None if g is None else as_weight_matrix(module, g)
 
 
 def set_grad_matrix(module: nn.Module, G: torch.Tensor) -> None:
@@ -217,8 +215,9 @@ def _default_spec(model: nn.Module, defaults: Mapping[str, str] | None) -> list[
     table = {**DEFAULT_TARGETS, **(defaults or {})}
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in table:
-        raise CrispEditError(f"no default target layers for model type {model_type!r}; choose them with "
-                             "--layers, e.g. 'model.layers.{10-12}.mlp.down_proj' (see `crispedit targets`)")
+        raise CrispEditError(f"no default target layers for model type {model_type!r}",
+                             hint={"targets": "model.layers.{10-12}.mlp.down_proj"},
+                             hint_text="choose them with {fix} (the layers are listed by list_linear_layers)")
     template = table[model_type]
     if "{}" not in template:
         return split_target_items(template)
@@ -226,7 +225,7 @@ def _default_spec(model: nn.Module, defaults: Mapping[str, str] | None) -> list[
     indices = sorted({int(m.group(1)) for name, _ in model.named_modules() if (m := pattern.fullmatch(name))})
     if not indices:
         raise CrispEditError(f"the default target {template!r} for model type {model_type!r} matches no "
-                             "module of this model; choose layers with --layers")
+                             "module of this model", hint={"targets": ...}, hint_text="choose layers with {fix}")
     chosen = [indices[i] for i in default_layer_indices(len(indices))]
     return [template.replace("{}", str(i)) for i in chosen]
 

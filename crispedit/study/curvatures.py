@@ -29,12 +29,14 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from crispedit.curvature.collect import CollectConfig, accumulate_batch
+from crispedit.config import CurvatureConfig
+from crispedit.curvature.collect import accumulate_batch
 from crispedit.curvature.eigen import LayerEigen, eigendecompose, sym_eigh
 from crispedit.curvature.ekfac import EKFACAccumulator, EKFACEigen, ekfac_masks, energy_cutoff_values
 from crispedit.curvature.masks import build_masks
 from crispedit.curvature.projector import InputNullspaceProjector, KroneckerProjector
 from crispedit.curvature.stats import KFACStats, LayerStats
+from crispedit.models.runtime import frozen_parameters
 from crispedit.study.lenet import Head
 
 CURVATURE_METHODS = ("hessian", "ggn", "kfac", "ekfac", "activation-covariance")
@@ -178,19 +180,11 @@ def exact_matrix(kind: str, head: Head, x: torch.Tensor, y: torch.Tensor, batch:
 
     op_cls = {"hessian": HessianLinearOperator, "ggn": GGNLinearOperator}[kind]
     params = tuned_params(head)
-    flags = [(p, p.requires_grad) for p in head.parameters()]
-    try:
-        for p in head.parameters():
-            p.requires_grad_(False)
-        for p in params:
-            p.requires_grad_(True)
+    with frozen_parameters(head, trainable=params):
         op = op_cls(head, nn.CrossEntropyLoss(), params, _batches(x, y, batch), check_deterministic=False)
         d = sum(p.numel() for p in params)
         eye = torch.eye(d, dtype=x.dtype)
         M = torch.cat([op @ eye[:, i:i + col_chunk] for i in range(0, d, col_chunk)], dim=1).double()
-    finally:
-        for p, f in flags:
-            p.requires_grad_(f)
     return 0.5 * (M + M.T)
 
 
@@ -198,18 +192,10 @@ def kfac_stats(head: Head, x: torch.Tensor, y: torch.Tensor, batch: int = 2500) 
     """crispedit K-FAC statistics of the head's weights with exact output-Hessian columns."""
     modules = tuned_modules(head)
     stats = KFACStats({k: LayerStats.zeros(m.in_features, m.out_features) for k, m in modules.items()})
-    cfg = CollectConfig(labels="exact")
-    flags = [(p, p.requires_grad) for p in head.parameters()]
-    try:
-        for p in head.parameters():
-            p.requires_grad_(False)
-        with torch.enable_grad():
-            for xb, yb in _batches(x, y, batch):
-                accumulate_batch(stats, modules, lambda xb=xb: head(xb), yb,
-                                 torch.ones(len(yb), dtype=torch.bool), cfg)
-    finally:
-        for p, f in flags:
-            p.requires_grad_(f)
+    cfg = CurvatureConfig(labels="exact")
+    with frozen_parameters(head):
+        for xb, yb in _batches(x, y, batch):
+            accumulate_batch(stats, modules, lambda xb=xb: head(xb), yb, torch.ones(len(yb), dtype=torch.bool), cfg)
     return stats
 
 
@@ -217,17 +203,10 @@ def ekfac_eigen(head: Head, eigs: dict[str, LayerEigen], x: torch.Tensor, y: tor
                 batch: int = 2500) -> dict[str, EKFACEigen]:
     modules = tuned_modules(head)
     acc = EKFACAccumulator(eigs)
-    cfg = CollectConfig(labels="exact")
-    flags = [(p, p.requires_grad) for p in head.parameters()]
-    try:
-        for p in head.parameters():
-            p.requires_grad_(False)
-        with torch.enable_grad():
-            for xb, yb in _batches(x, y, batch):
-                acc.accumulate_batch(modules, lambda xb=xb: head(xb), yb, torch.ones(len(yb), dtype=torch.bool), cfg)
-    finally:
-        for p, f in flags:
-            p.requires_grad_(f)
+    cfg = CurvatureConfig(labels="exact")
+    with frozen_parameters(head):
+        for xb, yb in _batches(x, y, batch):
+            acc.accumulate_batch(modules, lambda xb=xb: head(xb), yb, torch.ones(len(yb), dtype=torch.bool), cfg)
     return acc.result()
 
 
