@@ -79,8 +79,8 @@ def test_ten_counterfact_edits_reliable_with_less_damage_than_ft(smol, tmp_path,
         res = edit(model, tok, requests, cur.targets, EditConfig(method=method), curvature=cur, progress=False)
         out[method] = evaluate(model, None, tok, requests, heldout, ecfg).summary
         res.delta.revert(model)
-    assert out["crispedit"]["reliability"] >= 0.9
-    assert out["ft"]["reliability"] >= out["crispedit"]["reliability"] - 0.1
+    assert out["crispedit"]["reliability_tf"] >= 0.9
+    assert out["ft"]["reliability_tf"] >= out["crispedit"]["reliability_tf"] - 0.1
     d_crisp = abs(out["crispedit"]["perplexity_edited"] / base["perplexity_edited"] - 1)
     d_ft = abs(out["ft"]["perplexity_edited"] / base["perplexity_edited"] - 1)
     assert d_crisp < d_ft, (d_crisp, d_ft)
