@@ -602,7 +602,10 @@ class DemoConfig(ConfigBase):
     heldout_samples: int = option(16, "held-out Wikipedia chunks for perplexity and KL", low=1)
     gamma: float = option(EditConfig.gamma, "energy threshold γ of the CrispEdit run", low=0.0, high=1.0,
                           low_open=True, high_open=True)
-    lr: float = option(EditConfig.lr, "learning rate of both edits", low=0.0, low_open=True)
+    lr: float = option(EditConfig.lr, "learning rate of the CrispEdit run", low=0.0, low_open=True)
+    ft_lr: float = option(1e-3, "learning rate of the FT run (FT's best in the README's sweeps)", low=0.0,
+                          low_open=True)
+    show: int = option(3, "edits whose generations are printed (each context and a rephrase)", low=0)
     epochs: int = option(EditConfig.epochs, "epochs of both edits, at most", low=1)
     benchmark_limit: int = option(0, "MMLU/ARC items (0: skip)", low=0)
     device: str = option(LoadConfig.device, "cpu, cuda or cuda:N")

@@ -84,3 +84,23 @@ def test_ten_counterfact_edits_reliable_with_less_damage_than_ft(smol, tmp_path,
     d_crisp = abs(out["crispedit"]["perplexity_edited"] / base["perplexity_edited"] - 1)
     d_ft = abs(out["ft"]["perplexity_edited"] / base["perplexity_edited"] - 1)
     assert d_crisp < d_ft, (d_crisp, d_ft)
+
+
+def test_demo_runs_end_to_end_at_small_sizes(tmp_path, monkeypatch):
+    """The README's first command (`make demo` = `crispedit demo`) at tiny sizes: FT at its own lr and CrispEdit,
+    generations in every context and on a rephrase, the report folder."""
+    _require_data()
+    from crispedit.config import DemoConfig
+    from crispedit.demo import run_demo
+
+    monkeypatch.setenv("CRISPEDIT_HOME", str(tmp_path / "home"))
+    lines: list[str] = []
+    out = run_demo(DemoConfig(out=str(tmp_path / "demo"), n_edits=2, samples=4, max_length=64, heldout_samples=2,
+                              epochs=2, show=1), echo=lines.append)
+    assert (tmp_path / "demo" / "README.md").is_file() and (tmp_path / "demo" / "tradeoff.png").is_file()
+    labels = [p["label"] for p in out["generations"]["prompts"]]
+    assert labels == ["qa prompt", "chat prompt", "raw prompt", "rephrase (qa)"]
+    assert out["summary"]["ft"]["reliability_gen_qa"] is not None
+    assert out["config"]["ft_lr"] == 1e-3 and out["runs"]["ft"]["steps"] >= 1
+    text = "\n".join(lines)
+    assert "rephrase (qa)" in text and "CrispEdit" in text
