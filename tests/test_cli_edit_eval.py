@@ -208,3 +208,35 @@ def test_warnings_are_one_line_and_verbose_shows_stage_logs(world, cli, tmp_path
     assert code == 0, err
     assert "crispedit: warning: dup.jsonl: 1 duplicate (prompt, target) pair(s)" in err
     assert "crispedit: edit (crispedit): 2 request(s), 1 step(s)" in err
+
+
+@pytest.mark.parametrize("extra,fragments", [
+    (("--max-kl", "0"), ("--max-kl", "0")),
+    (("--max-kl", "nan"), ("--max-kl", "nan")),
+    (("--contexts", "raw,wild"), ("wild",)),
+    (("--contexts", "raw,chat"), ("chat template", "--contexts")),
+])
+def test_recipe_options_bad_values_are_one_line_errors_before_the_model_loads(world, cli, tmp_path, monkeypatch,
+                                                                              extra, fragments):
+    import crispedit.cli.common as common
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded before the bad option was refused")
+
+    monkeypatch.setattr(common, "load_model_from_args", no_model)
+    out = tmp_path / "never"
+    code, _, err = cli(*edit_args(world, out, *extra))
+    assert_user_error(code, err, *fragments)
+    assert not out.exists()
+
+
+def test_kl_budget_through_the_cli_writes_its_certificate(world, cli, tmp_path):
+    out = tmp_path / "budget"
+    code, _, err = cli(*edit_args(world, out, "--method", "ft", "--lr", "5e-2", "--max-kl", "1e-4",
+                                  "--budget-samples", "4"))
+    assert code == 0, err
+    run = json.loads((out / "run.json").read_text())
+    cert = run["kl_budget"]
+    assert cert["max_kl"] == 1e-4 and cert["satisfied"] and cert["kl_nats_per_token"] <= 1e-4
+    delta = json.loads((out / "delta" / "delta.json").read_text())
+    assert delta["kl_budget"]["scale"] == cert["scale"] < 1

@@ -52,6 +52,14 @@ def run(args: argparse.Namespace) -> int:
         read_record(args.curvature_path)  # fails fast on a missing or foreign cache
     rc = config_from_args(args, RequestsConfig)
     requests = load_requests(args.edits, fmt=rc.format, limit=rc.limit, skip_invalid=rc.skip_invalid)
+    if "chat" in cfg.contexts:
+        from crispedit.formatting import has_chat_template
+        from crispedit.models.loading import peek_tokenizer
+
+        peek = peek_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
+        if peek is not None and not has_chat_template(peek):
+            raise UsageError(f"training context 'chat' needs a tokenizer with a chat template, and {args.model}'s "
+                             "has none; drop chat from --contexts")
     model, tok = load_model_from_args(args)
     job = config_from_args(args, EditJob, requests=requests, cfg=cfg,
                            source={"path": str(args.edits), "format": rc.format})

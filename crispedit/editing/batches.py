@@ -13,6 +13,9 @@ from crispedit.editing.contexts import (
     training_sequences,
 )
 
+from crispedit.errors import CrispEditError
+from crispedit.formatting import has_chat_template
+
 PREFIX_POOL_MIN = 10
 
 
@@ -24,6 +27,9 @@ def prefix_pool_size(prefixes_per_request: int) -> int:
 def build_training(model, tokenizer, requests: Sequence[EditRequest], contexts: Sequence[str], prefixes: int,
                    seed: int) -> tuple[list[TrainingSequence], list[str]]:
     """The training sequences of `requests` and the prefixes they used (recorded with the edit)."""
+    if "chat" in contexts and not has_chat_template(tokenizer):
+        raise CrispEditError("training context 'chat' needs a tokenizer with a chat template, and this one has "
+                             "none; drop chat from the contexts")
     pool: list[str] = []
     if prefixes:
         pool = drop_leaking_prefixes(generate_prefixes(model, tokenizer, prefix_pool_size(prefixes), seed=seed),

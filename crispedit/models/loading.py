@@ -353,6 +353,24 @@ def load_model(spec: str, device: str = "cpu", dtype: str = "float32", device_ma
     return model, tokenizer
 
 
+def peek_tokenizer(spec: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase | None:
+    """The model's tokenizer when it can be read without converting, downloading or loading the model (a local
+    folder, or a GGUF/embedded model already converted); None otherwise. For checks that should fail before the
+    model loads (e.g. a chat context on a tokenizer without a chat template)."""
+    try:
+        resolved = resolve_model_spec(spec)
+        if resolved.kind == "hub":
+            return None
+        if resolved.kind in ("embedded", "gguf") and not converted_copy_is_current(resolved.path,
+                                                                                    resolved.gguf_file):
+            return None
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(resolved.path), trust_remote_code=trust_remote_code)
+    except (CrispEditError, OSError, ValueError):
+        return None
+
+
 # ---------------------------------------------------------------- saving
 
 def _source_folders(model) -> list[Path]:
