@@ -67,7 +67,7 @@ stamp "phase 2 rc=$?"
 
 # 3. the grid
 stamp "phase 3: grid"
-timeout ${GRID_SECONDS:-220} $PY scripts/wild_ablation.py --device $DEVICE --gen-batch 128 --cache /tmp/cache-all \
+timeout ${GRID_SECONDS:-220} $PY scripts/wild_ablation.py --device $DEVICE --gen-batch 512 --cache /tmp/cache-all \
   --runs "$GRID" --jsonl --out "$OUT/grid.jsonl" \
   --data "cf=$CF:$N" --data "zsre=$ZSRE:$N"
 stamp "phase 3 rc=$?"
@@ -76,15 +76,15 @@ stamp "phase 3 rc=$?"
 stamp "phase 4: selection and final runs"
 $PY scripts/select_recipe.py "$OUT/grid.jsonl" --out /tmp/chosen.json
 $PY scripts/final_runs.py /tmp/chosen.json > /tmp/final.json
-timeout ${FINAL_SECONDS:-100} $PY scripts/wild_ablation.py --device $DEVICE --gen-batch 128 --cache /tmp/cache-all \
+timeout ${FINAL_SECONDS:-100} $PY scripts/wild_ablation.py --device $DEVICE --gen-batch 512 --cache /tmp/cache-all \
   --runs /tmp/final.json --jsonl --slim --out "$OUT/final.jsonl" --benchmarks mmlu,arc \
   --data "cf$N_FINAL=$CF:$N_FINAL"
 stamp "phase 4 rc=$?"
 
 # 4b. reliability against the KL budget (one edit with the chosen recipe, backed off to each ε)
 stamp "phase 4b: KL budget curve"
-timeout ${CURVE_SECONDS:-50} $PY scripts/kl_budget_curve.py --device $DEVICE --gen-batch 128 --cache /tmp/cache-all \
-  --recipe /tmp/chosen.json --data "cf=$CF:$N" --out "$OUT/kl_budget.jsonl"
+timeout ${CURVE_SECONDS:-50} $PY scripts/kl_budget_curve.py --device $DEVICE --gen-batch 512 --cache /tmp/cache-all \
+  --recipe /tmp/chosen.json --data "cf=$CF:$N" --eps 0.0005,0.001,0.002,0.005,0.01,0.02 --out "$OUT/kl_budget.jsonl"
 stamp "phase 4b rc=$?"
 
 # 5. speed on cuda/bf16

@@ -122,8 +122,17 @@ def main() -> None:
             method = run.get("method", "crispedit")
             t0 = time.perf_counter()
             res, budget, delta, targets = None, None, None, None
-            if method != "none":
-                cfg = EditConfig(**{k: v for k, v in run.items() if k not in NOT_CONFIG})
+            fields = {k: v for k, v in run.items() if k not in NOT_CONFIG}
+            if method in ("memit", "alphaedit", "ultraedit", "mend"):
+                from crispedit.baselines import config_class, run_baseline
+
+                targets = resolve_targets(model, run.get("layers")) if run.get("layers") else None
+                cur = full.select(targets) if targets else None
+                bcfg = config_class(method)(**{k: v for k, v in fields.items() if k != "method"})
+                delta = run_baseline(method, model, tok, requests, cur, bcfg, targets=targets)
+                targets = delta.targets
+            elif method != "none":
+                cfg = EditConfig(**fields)
                 targets = resolve_targets(model, run.get("layers"))
                 cur = full.select(targets) if cfg.method in ("crispedit", "adam-nscl") else None
                 res = edit(model, tok, requests, targets, cfg, curvature=cur, progress=False)
