@@ -107,7 +107,7 @@ class EditDelta:
             idx, val = self.fixups[n]
             tensors[f"{n}.revert_index"] = idx.contiguous()
             tensors[f"{n}.revert_value"] = val.float().contiguous()
-        with atomic_dir(path, overwrite=overwrite) as tmp:
+        with atomic_dir(path, overwrite=overwrite, kind="delta") as tmp:
             save_file(tensors, str(tmp / TENSORS), metadata={"format": DELTA_FORMAT})
             (tmp / RECORD).write_text(json.dumps(self.record, indent=2) + "\n")
         return Path(path)

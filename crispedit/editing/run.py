@@ -20,7 +20,9 @@ from typing import TYPE_CHECKING, Any, Sequence
 from crispedit.config import LAYERS_HELP, CorpusConfig, EditConfig, option
 from crispedit.data.records import EditRequest
 from crispedit.errors import ConfigError, CrispEditError, OutputExistsError
-from crispedit.io import atomic_dir
+from crispedit.io import atomic_dir, check_output_folder
+
+OUTPUT_KIND = "edit-output"
 
 if TYPE_CHECKING:
     from crispedit.curvature.api import Curvature
@@ -120,6 +122,15 @@ def edit_model(model, tokenizer, requests: Sequence[EditRequest], curvature: "Cu
                 base_fingerprint=fingerprint)
 
 
+def job_inputs(model, job: EditJob) -> list[str]:
+    """What an edit job reads and its output must never replace, contain or lie inside: the model's folder,
+    the curvature cache, the request file and the sequential state."""
+    from crispedit.models.loading import source_folders
+
+    src = (job.source or {}).get("path")
+    return [str(p) for p in source_folders(model)] + [p for p in (job.curvature_path, src, job.state_dir) if p]
+
+
 def run_edit(model, tokenizer, job: EditJob, out: str | Path, overwrite: bool = False,
              progress: bool = False) -> dict[str, Any]:
     """Run `job` on `model` (edited in place) and write the output folder `out` (see the module docstring).
@@ -139,9 +150,7 @@ def run_edit(model, tokenizer, job: EditJob, out: str | Path, overwrite: bool = 
     from crispedit.models.targets import resolve_targets
 
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise OutputExistsError(f"output folder {out} exists and is not empty", hint={"overwrite": True},
-                                hint_text="choose another, or pass {fix}")
+    check_output_folder(out, overwrite, OUTPUT_KIND, protected=job_inputs(model, job))
     _check_context(tokenizer, job.cfg)
     t0 = time.perf_counter()
     curvature, fingerprint = None, None
@@ -214,7 +223,7 @@ def run_edit(model, tokenizer, job: EditJob, out: str | Path, overwrite: bool = 
         "kl_budget": budget,
         "seconds_edit": time.perf_counter() - t0,
     }
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out, overwrite=overwrite, kind=OUTPUT_KIND) as tmp:
         delta.save(tmp / DELTA_DIR)
         if job.save_model:
             save_model(model, tokenizer, tmp / MODEL_DIR)

@@ -156,7 +156,7 @@ class SequentialEditor:
         for n in self.targets:
             tensors[f"{n}.base"] = self.base[n].contiguous()
             tensors[f"{n}.current"] = target_weight(model, n).detach().cpu().contiguous()
-        with atomic_dir(self.path, overwrite=True) as tmp:
+        with atomic_dir(self.path, overwrite=True, kind="sequential-state") as tmp:
             self.curvature.save(tmp / "curvature")
             save_file(tensors, str(tmp / "weights.safetensors"))
             (tmp / "state.json").write_text(json.dumps(self.state, indent=2) + "\n")

@@ -181,18 +181,6 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def _use_default_dir_mode(folder: Path) -> None:
-    """Give a temporary folder (created 0700) the mode a plain mkdir would, so saved models stay shareable."""
-    umask = 0o022
-    try:  # read without os.umask(), which would briefly change it for every thread
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                umask = int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    os.chmod(folder, 0o777 & ~umask)
-
-
 def ensure_converted(gguf: Path, folder: Path) -> bool:
     """Make `folder` a current float32 conversion of `gguf`; returns True if this call converted it.
 
@@ -215,8 +203,7 @@ def ensure_converted(gguf: Path, folder: Path) -> bool:
         logger.info("converting %s to a float32 model in %s (done once)", gguf, folder)
         start = time.perf_counter()
         stamp = _source_stamp(gguf)
-        with atomic_dir(folder, overwrite=True) as tmp:
-            _use_default_dir_mode(tmp)
+        with atomic_dir(folder, overwrite=True, kind="converted-model", require_marker=False) as tmp:
             _convert_gguf(gguf, tmp)
             seconds = time.perf_counter() - start
             write_json(tmp / CONVERSION_MARKER, {
@@ -373,6 +360,23 @@ def peek_tokenizer(spec: str, trust_remote_code: bool = False) -> PreTrainedToke
 
 # ---------------------------------------------------------------- saving
 
+def source_folders(model) -> list[Path]:
+    """The folders this model was read from (crispedit's record of it, and Hugging Face's name_or_path)."""
+    return _source_folders(model)
+
+
+def model_source_path(spec: str | None) -> Path | None:
+    """The folder or file a model spec reads (None for a hub id or an unresolvable spec); cheap, loads nothing.
+    Output checks use it to keep every output away from the input model."""
+    if not spec:
+        return None
+    try:
+        r = resolve_model_spec(spec)
+    except CrispEditError:
+        return None
+    return r.gguf_file if r.kind == "gguf" else r.path
+
+
 def _source_folders(model) -> list[Path]:
     folders = []
     for candidate in (getattr(model, "crispedit_source", None), getattr(model, "name_or_path", None)):
@@ -402,8 +406,7 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_d
             raise CrispEditError(f"refusing to save into {out}: the folder exists and is not empty; "
                                  "choose a new folder")
         out.rmdir()  # an empty folder is replaced by the finished one
-    with atomic_dir(out) as tmp:
-        _use_default_dir_mode(tmp)
+    with atomic_dir(out, kind="model") as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     logger.info("saved model to %s", out)
