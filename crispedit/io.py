@@ -327,6 +327,12 @@ def output_kind(path: str | os.PathLike) -> str | None:
             return kind
     if (path / "run.json").is_file() and _record_format(path / "delta" / "delta.json") == "crispedit-delta":
         return "edit-output"
+    try:
+        demo = json.loads((path / "demo.json").read_text())
+    except (OSError, ValueError):
+        demo = None
+    if isinstance(demo, dict) and "curvature_cache" in demo and "summary" in demo:
+        return "demo-report"
     return None
 
 
@@ -372,6 +378,26 @@ def check_writable(path: str | os.PathLike, what: str = "output") -> None:
                           f"({e.strerror or e}); choose another location") from None
 
 
+def check_apart_from_inputs(path: str | os.PathLike, protected: Iterable[str | os.PathLike | None],
+                            what: str = "output", inside_ok: bool = False) -> None:
+    """Refuse an output that is one of the job's inputs, contains one (replacing it would delete the input)
+    or lies inside one (writing it would change the input; `inside_ok` allows a new file in an input folder,
+    e.g. a report beside the model it evaluates). Inputs that do not exist are skipped."""
+    path = Path(path).expanduser()
+    target = _resolved(path)
+    for p in protected:
+        if p is None or str(p) == "" or not Path(p).expanduser().exists():
+            continue
+        src = _resolved(p)
+        if target == src or target in src.parents:
+            rel = "is" if target == src else "contains"
+            raise OutputError(f"refusing to write the {what} {path}: it {rel} the input {p}; choose another "
+                              "location")
+        if src in target.parents and not inside_ok:
+            raise OutputError(f"refusing to write the {what} {path}: it lies inside the input {p}; choose "
+                              "another location")
+
+
 def check_output_folder(path: str | os.PathLike, force: bool, kind: str, what: str = "output folder",
                         protected: Iterable[str | os.PathLike | None] = ()) -> None:
     """Refuse, before any work, an output folder this job must not write (one line, naming why):
@@ -385,18 +411,7 @@ def check_output_folder(path: str | os.PathLike, force: bool, kind: str, what: s
     A killed swap of `path` is recovered first."""
     path = Path(path).expanduser()
     recover_dir(path)
-    target = _resolved(path)
-    for p in protected:
-        if p is None or str(p) == "" or not Path(p).expanduser().exists():
-            continue
-        src = _resolved(p)
-        if target == src or target in src.parents:
-            rel = "is" if target == src else "contains"
-            raise OutputError(f"refusing to write the {what} {path}: it {rel} the input {p}; choose another "
-                              "folder")
-        if src in target.parents:
-            raise OutputError(f"refusing to write the {what} {path}: it lies inside the input {p}; choose "
-                              "another folder")
+    check_apart_from_inputs(path, protected, what)
     if path.exists() or path.is_symlink():
         if not path.is_dir():
             raise OutputError(f"the {what} {path} is an existing file; choose a folder path")
@@ -419,6 +434,13 @@ def check_output_file(path: str | os.PathLike, what: str = "output file") -> Non
     if path.is_dir():
         raise OutputError(f"the {what} {path} is a folder; give a file path")
     check_writable(path, what)
+
+
+def check_report_output(out: str | os.PathLike, inputs: Iterable[str | os.PathLike | None] = ()) -> None:
+    """Before an evaluation: both report files (see `report_paths`) can be written and are none of its inputs."""
+    for p in report_paths(out):
+        check_apart_from_inputs(p, inputs, "report", inside_ok=True)
+        check_output_file(p, "report")
 
 
 def report_paths(out: str | os.PathLike) -> tuple[Path, Path]:

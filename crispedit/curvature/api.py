@@ -279,10 +279,12 @@ class Curvature:
         return out
 
     # ------------------------------------------------------------------ persistence
-    def save(self, path: str | Path, overwrite: bool = True) -> Path:
+    def save(self, path: str | Path, overwrite: bool = True, compact_sink: bool = True) -> Path:
+        """Write the cache folder (see cache.py). `compact_sink=False` keeps the sink sums whole instead of as a
+        low-rank factor (exact to the bit rather than to round-off: sequential states need that)."""
         record = dict(self.record)
         record["kept"] = self.kept_report()
-        return save_cache(path, self.stats, self.eigen, record, overwrite=overwrite)
+        return save_cache(path, self.stats, self.eigen, record, overwrite=overwrite, compact_sink=compact_sink)
 
     @classmethod
     def load(cls, path: str | Path, model: nn.Module | None = None, allow_mismatch: bool = False,

@@ -56,7 +56,7 @@ def sink_factor(A_sink: torch.Tensor) -> torch.Tensor:
 
 
 def save_cache(path: str | Path, stats: KFACStats, eigen: dict[str, LayerEigen], record: dict[str, Any],
-               overwrite: bool = True) -> Path:
+               overwrite: bool = True, compact_sink: bool = True) -> Path:
     path = Path(path)
     st: dict[str, torch.Tensor] = {}
     eg: dict[str, torch.Tensor] = {}
@@ -66,8 +66,8 @@ def save_cache(path: str | Path, stats: KFACStats, eigen: dict[str, LayerEigen],
         st[f"{name}.S"] = s.S.detach().cpu().contiguous()
         if s.A_sink is not None:
             A_sink = s.A_sink.detach().cpu()
-            F = sink_factor(A_sink)
-            if F.shape[1] < A_sink.shape[0] // 2:  # F (d x r) is smaller than A_sink (d x d, symmetric)
+            F = sink_factor(A_sink) if compact_sink else None
+            if F is not None and F.shape[1] < A_sink.shape[0] // 2:  # F (d x r) is smaller than A_sink (d x d, symmetric)
                 st[f"{name}.A_sink_factor"] = F
             else:
                 st[f"{name}.A_sink"] = A_sink.contiguous()

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from crispedit.config import LAYERS_HELP, CorpusConfig, EditConfig, option
+from crispedit.data.readers import check_requests_fit, max_positions
 from crispedit.data.records import EditRequest
 from crispedit.errors import ConfigError, CrispEditError, OutputExistsError
 from crispedit.io import atomic_dir, check_output_folder
@@ -122,6 +123,11 @@ def edit_model(model, tokenizer, requests: Sequence[EditRequest], curvature: "Cu
                 base_fingerprint=fingerprint)
 
 
+def check_edit_output(out: str | Path, force: bool, inputs: Sequence[Any] = ()) -> None:
+    """The checks `run_edit` makes of its output folder, for callers that want them before loading a model."""
+    check_output_folder(out, force, OUTPUT_KIND, protected=inputs)
+
+
 def job_inputs(model, job: EditJob) -> list[str]:
     """What an edit job reads and its output must never replace, contain or lie inside: the model's folder,
     the curvature cache, the request file and the sequential state."""
@@ -152,6 +158,7 @@ def run_edit(model, tokenizer, job: EditJob, out: str | Path, overwrite: bool = 
     out = Path(out)
     check_output_folder(out, overwrite, OUTPUT_KIND, protected=job_inputs(model, job))
     _check_context(tokenizer, job.cfg)
+    check_requests_fit(tokenizer, job.requests, max_positions(model), job.cfg.contexts)
     t0 = time.perf_counter()
     curvature, fingerprint = None, None
     if job.curvature_path:
@@ -181,10 +188,11 @@ def run_edit(model, tokenizer, job: EditJob, out: str | Path, overwrite: bool = 
             ed = SequentialEditor.open(state, model)
         else:
             ed = SequentialEditor.create(state, model, curvature, job.cfg, edit_weight=job.edit_weight,
-                                         base_fingerprint=fingerprint)
+                                         base_fingerprint=fingerprint, chunk_size=job.chunk_size)
+        start = ed.remaining(job.requests, job.chunk_size)  # a resumed state continues after its last chunk
         results = []
         t_seq = time.perf_counter()
-        for i in range(0, len(job.requests), job.chunk_size):
+        for i in range(start, len(job.requests), job.chunk_size):
             results.append(ed.edit_chunk(model, tokenizer, job.requests[i : i + job.chunk_size], progress=progress))
         delta = ed.cumulative_delta(model)
         chunks_log = ed.state["chunks"]
