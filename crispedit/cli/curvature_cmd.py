@@ -58,15 +58,10 @@ def add_info_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def check_writable(out: Path) -> None:
-    """The cache is written beside `out` and renamed into place: its nearest existing ancestor must be
-    writable (checked now rather than after a long collection)."""
-    parent = out.absolute().parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise CrispEditError(f"cannot write the curvature cache {out}: {parent} is not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise CrispEditError(f"cannot write the curvature cache {out}: no write permission in {parent}")
+    """The cache is written beside `out` and renamed into place: checked now rather than after a long collection."""
+    from crispedit.io import check_writable as probe
+
+    probe(out, "curvature cache")
 
 
 def check_output(out: Path, force: bool) -> None:
