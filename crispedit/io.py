@@ -381,8 +381,9 @@ def check_writable(path: str | os.PathLike, what: str = "output") -> None:
 def check_apart_from_inputs(path: str | os.PathLike, protected: Iterable[str | os.PathLike | None],
                             what: str = "output", inside_ok: bool = False) -> None:
     """Refuse an output that is one of the job's inputs, contains one (replacing it would delete the input)
-    or lies inside one (writing it would change the input; `inside_ok` allows a new file in an input folder,
-    e.g. a report beside the model it evaluates). Inputs that do not exist are skipped."""
+    or lies inside one (writing it would change the input; `inside_ok` allows a new file in an input folder
+    that is not a model folder, e.g. a report in an edit's output folder). Inputs that do not exist are
+    skipped."""
     path = Path(path).expanduser()
     target = _resolved(path)
     for p in protected:
@@ -393,7 +394,7 @@ def check_apart_from_inputs(path: str | os.PathLike, protected: Iterable[str | o
             rel = "is" if target == src else "contains"
             raise OutputError(f"refusing to write the {what} {path}: it {rel} the input {p}; choose another "
                               "location")
-        if src in target.parents and not inside_ok:
+        if src in target.parents and not (inside_ok and not (src / "config.json").exists()):
             raise OutputError(f"refusing to write the {what} {path}: it lies inside the input {p}; choose "
                               "another location")
 

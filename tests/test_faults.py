@@ -147,6 +147,14 @@ def test_force_never_replaces_the_input_model_or_a_folder_holding_it(world, cli,
     assert code == 2 and "not a crispedit curvature cache" in error_line(err)
     code, _, err = cli("curvature-merge", world["cache"], world["cache"], "--out", model.parent, "--force")
     assert code == 2
+    # Nothing is written inside the model folder either: a cache, a report, a sequential state.
+    code, _, err = cli("curvature", "--model", model, "--corpus", world["corpus"], "--out", model / "cache")
+    assert code == 2 and "lies inside the input" in error_line(err)
+    code, _, err = cli("eval", "--model", model, "--out", model / "report.json")
+    assert code == 2 and "lies inside the input" in error_line(err)
+    code, _, err = cli("edit", "--model", model, "--edits", world["edits"], "--curvature", world["cache"],
+                       "--sequential", "--state", model / "state", "--out", tmp_path / "seq")
+    assert code == 2 and "lies inside the input" in error_line(err)
     assert snapshot(model) == before and not inside.exists()
 
 

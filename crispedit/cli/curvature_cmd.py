@@ -114,6 +114,10 @@ def run_curvature(args: argparse.Namespace) -> int:
         check_corpus_path(plan.source)
     else:
         check_output(out, args.force)
+    from crispedit.io import check_apart_from_inputs
+    from crispedit.models.loading import model_source_path
+
+    check_apart_from_inputs(out, [model_source_path(args.model), corpus_source(args.corpus)], "curvature cache")
 
     from crispedit.cli.common import load_model_from_args
     from crispedit.curvature.api import Curvature
@@ -174,6 +178,9 @@ def run_merge(args: argparse.Namespace) -> int:
     for c in args.caches:
         read_record(c)  # every input is a readable cache before anything is loaded
     check_output(out, args.force)
+    from crispedit.io import check_apart_from_inputs
+
+    check_apart_from_inputs(out, args.caches, "merged cache")
     merged = Curvature.load(args.caches[0])
     for c in args.caches[1:]:
         merged = merged.merge(Curvature.load(c))

@@ -21,7 +21,7 @@ from crispedit.config import LAYERS_HELP, CorpusConfig, EditConfig, option
 from crispedit.data.readers import check_requests_fit, max_positions
 from crispedit.data.records import EditRequest
 from crispedit.errors import ConfigError, CrispEditError, OutputExistsError
-from crispedit.io import atomic_dir, check_output_folder
+from crispedit.io import atomic_dir, check_apart_from_inputs, check_output_folder
 
 OUTPUT_KIND = "edit-output"
 
@@ -184,6 +184,9 @@ def run_edit(model, tokenizer, job: EditJob, out: str | Path, overwrite: bool = 
         if curvature is None:
             raise CrispEditError("sequential editing needs a curvature cache", hint={"curvature_path": ...})
         state = Path(job.state_dir or f"{out}.state")
+        from crispedit.models.loading import source_folders
+
+        check_apart_from_inputs(state, source_folders(model), "sequential state")
         if job.resume:
             ed = SequentialEditor.open(state, model)
         else:
