@@ -7,9 +7,9 @@ Guarantees (tested in tests/test_faults.py):
   folder. A process killed between them leaves PATH missing and the previous version in .PATH.old;
   `recover_dir` (run by every writer and by the readers of crispedit folders before they look) renames it
   back. Temporary folders and files of processes that no longer run are removed on the next write.
-- An existing folder is only ever replaced if this tool wrote it (a `.crispedit` marker inside, or one of
-  the records crispedit folders always hold), of the same kind, and never when it is (or contains, or lies
-  inside) one of the job's inputs.
+- An existing folder is only ever replaced if this tool wrote it (the record every crispedit folder holds
+  says so and what kind of folder it is: curvature.json, state.json, delta.json, run.json with delta/,
+  demo.json), of the same kind, and never when it is (or contains, or lies inside) one of the job's inputs.
 - Files get the mode the process umask gives (safetensors and mkstemp create 0600 files; fixed before the
   rename), and a failed write is a one-line `WriteError` naming the path.
 
@@ -20,7 +20,6 @@ reached, default 1); see `fault_point`. Nothing else reads that variable.
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import errno
 import hashlib
 import json
@@ -34,19 +33,16 @@ from typing import Any, Iterable, Iterator
 from crispedit.errors import CrispEditError
 from crispedit.errors import OutputExistsError as _OutputExistsError
 
-MARKER = ".crispedit"
 FAULT_ENV = "CRISPEDIT_TEST_FAULT"
 _OLD_SUFFIX = ".old"
 _TMP_SUFFIX = ".tmp"
 
-# Records that identify folders crispedit wrote before the marker existed: file -> required "format".
-_LEGACY_RECORDS = {
+# The record that identifies a folder crispedit wrote: file -> (kind, required "format").
+_RECORDS = {
     "curvature.json": ("curvature-cache", "crispedit-curvature"),
     "state.json": ("sequential-state", "crispedit-sequential-state"),
     "delta.json": ("delta", "crispedit-delta"),
 }
-# Kinds whose own record identifies them (no marker file is added to them).
-_RECORD_KINDS = frozenset(kind for kind, _ in _LEGACY_RECORDS.values())
 
 
 class WriteError(CrispEditError):
@@ -257,10 +253,9 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False, kind: str | Non
                require_marker: bool = True) -> Iterator[Path]:
     """Yield a temporary folder beside `path`; on success it becomes `path` (see the module docstring).
 
-    `kind` says what the folder is: the `.crispedit` marker is written into it (except for caches, states
-    and deltas, whose own record says so). With `overwrite`, an existing
-    `path` is replaced only if it is a crispedit folder of the same kind (`require_marker=False`: any
-    folder — for crispedit's own folders under its home, e.g. a corrupt converted model)."""
+    With `overwrite`, an existing `path` is replaced only if it is a crispedit folder of kind `kind` (see
+    `output_kind`; `require_marker=False`: any folder — for crispedit's own folders under its home, e.g. a
+    damaged converted model)."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -272,8 +267,6 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False, kind: str | Non
         raise write_error(path, e) from None
     try:
         yield tmp
-        if kind is not None and kind not in _RECORD_KINDS:
-            write_marker(tmp, kind)
         _apply_umask(tmp)
         with _parent_lock(path.parent):
             _recover_locked(path)
@@ -299,30 +292,13 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False, kind: str | Non
 # ------------------------------------------------------------------------------------------ markers, outputs
 
 
-def write_marker(folder: str | os.PathLike, kind: str) -> None:
-    from crispedit import __version__
-
-    created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    Path(folder, MARKER).write_text(json.dumps({"tool": "crispedit", "kind": kind, "crispedit_version": __version__,
-                                                "created": created}) + "\n")
-
-
 def output_kind(path: str | os.PathLike) -> str | None:
-    """What kind of crispedit folder `path` is ("edit-output", "curvature-cache", ...), or None if crispedit
-    did not write it (folders older than the marker are recognised by their records)."""
+    """What kind of crispedit folder `path` is ("edit-output", "curvature-cache", "sequential-state", "delta",
+    "demo-report"), from the record crispedit writes into each, or None if crispedit did not write it."""
     path = Path(path)
     if not path.is_dir() or path.is_symlink():
         return None
-    marker = path / MARKER
-    if marker.is_file():
-        try:
-            info = json.loads(marker.read_text())
-        except (OSError, ValueError):
-            return None
-        if isinstance(info, dict) and info.get("tool") == "crispedit" and isinstance(info.get("kind"), str):
-            return info["kind"]
-        return None
-    for name, (kind, fmt) in _LEGACY_RECORDS.items():
+    for name, (kind, fmt) in _RECORDS.items():
         if _record_format(path / name) == fmt:
             return kind
     if (path / "run.json").is_file() and _record_format(path / "delta" / "delta.json") == "crispedit-delta":
@@ -349,8 +325,8 @@ def _check_replaceable(path: Path, kind: str | None) -> None:
     if path.is_dir() and not path.is_symlink() and not any(path.iterdir()):
         return
     if found is None:
-        raise OutputError(f"refusing to replace {path}: crispedit did not write it (no {MARKER} marker); "
-                          "choose another output folder")
+        raise OutputError(f"refusing to replace {path}: crispedit did not write it (it holds no crispedit "
+                          "record); choose another output folder")
     if kind is not None and found != kind:
         raise OutputError(f"refusing to replace {path}: it is a crispedit {found}, not a {kind}; choose another "
                           "output folder")
@@ -424,7 +400,7 @@ def check_output_folder(path: str | os.PathLike, force: bool, kind: str, what: s
             if found != kind:
                 raise OutputError(f"the {what} {path} is a crispedit {found}, not a {kind}; choose another folder")
             if not force:
-                raise OutputExistsError(f"the {what} {path} already exists", hint={"overwrite": True},
+                raise OutputExistsError(f"the {what} {path} exists and is not empty", hint={"overwrite": True},
                                         hint_text="pass {fix} to replace it")
     check_writable(path, what)
 

@@ -67,7 +67,7 @@ def test_chunked_output_gradients_equal_the_whole_batch_cross_entropy(labels, mo
     torch.set_num_threads(1)
     model, seqs = tiny_llama(), sequences()
     ref = reference_S(model, seqs, labels)
-    cfg = CollectConfig(labels=labels)
+    cfg = CollectConfig(labels=labels, sink_tokens=0)
     for chunk in (1, 3 * VOCAB, 10**9):  # one position at a time, three, everything at once
         monkeypatch.setattr(collect_mod, "SOFTMAX_CHUNK", chunk)
         got = collect_lm_stats(model, seqs, TARGETS, cfg, batch_size=4, progress=False)
@@ -88,6 +88,6 @@ def test_no_probability_tensor_larger_than_a_chunk(monkeypatch):
 
     monkeypatch.setattr(torch, "softmax", spy)
     monkeypatch.setattr(collect_mod, "SOFTMAX_CHUNK", 2 * VOCAB)
-    collect_lm_stats(model, seqs, TARGETS, CollectConfig(labels="sampled", mc_samples=2), batch_size=4,
+    collect_lm_stats(model, seqs, TARGETS, CollectConfig(labels="sampled", mc_samples=2, sink_tokens=0), batch_size=4,
                      progress=False)
     assert sizes and max(sizes) <= 2 * VOCAB

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from crispedit.cli import main
 from crispedit.errors import CrispEditError
-from crispedit.io import FAULT_ENV, MARKER, atomic_dir, output_kind, recover_dir
+from crispedit.io import FAULT_ENV, atomic_dir, output_kind, recover_dir
 
 WORDS = ("the cat sat on a mat and Paris is the capital of France while Rome has the Colosseum "
          "Shakespeare wrote Hamlet answer question yes no").split()
@@ -168,7 +168,7 @@ def test_force_only_replaces_this_tools_output_of_the_same_kind(world, cli, tmp_
 
     out = tmp_path / "out"
     assert cli(*ft_edit_args(world, out))[0] == 0
-    assert output_kind(out) == "edit-output" and (out / MARKER).is_file()
+    assert output_kind(out) == "edit-output"
     code, _, err = cli(*ft_edit_args(world, out))
     assert code == 2 and "--force" in error_line(err)
     assert cli(*ft_edit_args(world, out, "--force", "--seed", "1"))[0] == 0
@@ -195,19 +195,20 @@ def test_demo_never_replaces_a_folder_it_did_not_write(tmp_path, no_model_load):
     with pytest.raises(CrispEditError, match="crispedit did not write it"):
         run_demo(DemoConfig(out=str(existing)), progress=False, echo=lambda *a: None)
     assert (existing / "thesis.tex").read_text() == "\\documentclass{article}"
-    # A previous demo report (the marker says so) is what the demo may replace.
+    # A previous demo report (its demo.json says so) is what the demo may replace.
     (existing / "thesis.tex").unlink()
     with atomic_dir(existing, overwrite=True, kind="demo-report") as tmp:
-        (tmp / "README.md").write_text("old report")
+        (tmp / "demo.json").write_text(json.dumps({"curvature_cache": "c", "summary": {}}))
     with pytest.raises(NoModelLoad):
         run_demo(DemoConfig(out=str(existing)), progress=False, echo=lambda *a: None)
 
 
 SWAP_SCRIPT = """
-import sys
+import json, sys
 from crispedit.io import atomic_dir
-with atomic_dir(sys.argv[1], overwrite=True, kind="edit-output") as tmp:
+with atomic_dir(sys.argv[1], overwrite=True, kind="demo-report") as tmp:
     (tmp / "data.txt").write_text("new version")
+    (tmp / "demo.json").write_text(json.dumps({"curvature_cache": "c", "summary": {}}))
 print("swapped")
 """
 
@@ -223,8 +224,9 @@ def swap_in_subprocess(path: Path, fault: str | None) -> subprocess.CompletedPro
 
 def test_sigkill_between_the_two_renames_loses_nothing(tmp_path):
     path = tmp_path / "out"
-    with atomic_dir(path, kind="edit-output") as tmp:
+    with atomic_dir(path, kind="demo-report") as tmp:
         (tmp / "data.txt").write_text("old version")
+        (tmp / "demo.json").write_text(json.dumps({"curvature_cache": "c", "summary": {}}))
 
     done = swap_in_subprocess(path, "between-renames")
     assert done.returncode == -signal.SIGKILL, done.stderr
@@ -359,7 +361,7 @@ def test_resume_with_the_same_command_does_not_edit_again(world, tmp_path, byte_
     with pytest.raises(CrispEditError, match="request 0 of the 3 given differs"):
         run_edit(model, tok, EditJob(**{**again.__dict__, "requests": changed}), tmp_path / "d", progress=False)
     model, tok = load_model(str(world["model"]))
-    with pytest.raises(CrispEditError, match="--chunk-size 1"):
+    with pytest.raises(CrispEditError, match="resume with chunk_size=1"):
         run_edit(model, tok, EditJob(**{**again.__dict__, "chunk_size": 2}), tmp_path / "d", progress=False)
 
 
@@ -561,7 +563,7 @@ def test_a_damaged_converted_copy_is_converted_again(tmp_path, monkeypatch, byte
     assert stat.S_IMODE(weights.stat().st_mode) & 0o044  # readable by others (umask), not 0600
 
     data = weights.read_bytes()
-    weights.write_bytes(data[:-100])  # truncated: the size in the marker no longer matches
+    weights.write_bytes(data[:-100])  # truncated: the size in the conversion record no longer matches
     loading.load_model(str(gguf))
     assert len(calls) == 2 and weights.stat().st_size == len(data)
 
@@ -670,7 +672,7 @@ def test_factor_memory_is_estimated_before_collecting(world, monkeypatch):
 
     model, tok = load_model(str(world["model"]))
     monkeypatch.setattr(api, "available_memory", lambda device: 10_000)
-    with pytest.raises(CrispEditError, match=r"needs about 0\.0 GB of CPU memory, 0\.0 GB is available .*--layers"):
+    with pytest.raises(CrispEditError, match=r"needs about 0\.0 GB of CPU memory, 0\.0 GB is available .*targets="):
         api.Curvature.compute(model, ["lm_head"], [[1, 2, 3]], {"source": "x"}, progress=False)
 
 

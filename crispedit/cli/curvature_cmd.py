@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
@@ -117,7 +116,7 @@ def run_curvature(args: argparse.Namespace) -> int:
     from crispedit.io import check_apart_from_inputs
     from crispedit.models.loading import model_source_path
 
-    check_apart_from_inputs(out, [model_source_path(args.model), corpus_source(args.corpus)], "curvature cache")
+    check_apart_from_inputs(out, [model_source_path(args.model), corpus_cfg.source], "curvature cache")
 
     from crispedit.cli.common import load_model_from_args
     from crispedit.curvature.api import Curvature

@@ -329,7 +329,8 @@ def load_error(folder: Path, e: BaseException) -> CrispEditError:
                               "run code when unpickled; convert the checkpoint to safetensors with a tool you trust")
     if "custom code" in str(e) or "trust_remote_code" in str(e):
         return CrispEditError(f"{folder} needs its own Python code to load (custom code in config.json's "
-                              "auto_map); crispedit runs it only with --trust-remote-code, for checkpoints you trust")
+                              "auto_map)", hint={"trust_remote_code": True},
+                              hint_text="crispedit runs it only with {fix}, for checkpoints you trust")
     if isinstance(e, EOFError):
         return CrispEditError(f"{named} is truncated or corrupt (unexpected end of file)")
     return CrispEditError(f"could not load a causal language model from {folder}: {text}")
