@@ -30,8 +30,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from crispedit.errors import CrispEditError
-from crispedit.errors import OutputExistsError as _OutputExistsError
+from crispedit.errors import CrispEditError, OutputError, OutputExistsError, WriteError  # noqa: F401 - re-exported
 
 FAULT_ENV = "CRISPEDIT_TEST_FAULT"
 _OLD_SUFFIX = ".old"
@@ -43,18 +42,6 @@ _RECORDS = {
     "state.json": ("sequential-state", "crispedit-sequential-state"),
     "delta.json": ("delta", "crispedit-delta"),
 }
-
-
-class WriteError(CrispEditError):
-    """A file or folder could not be written (no space, read-only, no permission): names the path."""
-
-
-class OutputError(CrispEditError):
-    """An output location this job must not (or cannot) write."""
-
-
-class OutputExistsError(OutputError, _OutputExistsError, FileExistsError):
-    """The output exists and replacing it was not asked for (`overwrite=False`)."""
 
 
 # ------------------------------------------------------------------------------------------ fault injection

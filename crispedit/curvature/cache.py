@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from crispedit import __version__
 from crispedit.curvature.eigen import LayerEigen
 from crispedit.curvature.stats import KFACStats, LayerStats
-from crispedit.errors import CacheMismatchError, CrispEditError  # noqa: F401 - CacheMismatchError: re-exported
+from crispedit.errors import CacheIntegrityError, CacheMismatchError, CrispEditError  # noqa: F401 - re-exported
 from crispedit.io import atomic_dir, recover_dir, sha256_file, sha256_json
 
 FORMAT = "crispedit-curvature"
@@ -39,10 +39,6 @@ RECORD = "curvature.json"
 STATS = "stats.safetensors"
 EIGEN = "eigen.safetensors"
 KIND = "curvature-cache"
-
-
-class CacheIntegrityError(CrispEditError):
-    """The cache's files are not the ones its record describes, or hold impossible values."""
 
 
 def sink_factor(A_sink: torch.Tensor) -> torch.Tensor:
