@@ -226,7 +226,10 @@ def recover_dir(path: str | os.PathLike) -> str | None:
     """Finish what a killed folder swap left: restore `.NAME.old` to NAME if NAME is missing, or delete it
     if NAME is there. Returns "restored", "removed" or None (nothing to do). Cheap when nothing is left."""
     path = Path(path)
-    if not _old_path(path).exists():
+    try:
+        if not _old_path(path).exists():
+            return None
+    except OSError:  # cannot even look (no permission): nothing this process could restore
         return None
     try:
         with _parent_lock(path.parent):

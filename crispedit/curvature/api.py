@@ -329,13 +329,15 @@ def check_kept(masks: dict[str, torch.Tensor], gamma: float, kind: str) -> None:
     about single targets that cannot move."""
     import warnings
 
+    from crispedit.errors import CrispEditWarning
+
     empty = [n for n, m in masks.items() if not bool(m.any())]
     if masks and len(empty) == len(masks):
         raise CrispEditError(f"nothing is editable at γ={gamma} ({kind} projection): the kept subspace of every "
                              "target is empty; raise γ, or check the cache (curvature info)")
     if empty:
         warnings.warn(f"at γ={gamma} the kept subspace of {', '.join(empty)} is empty: those layers will not "
-                      "change", stacklevel=3)
+                      "change", CrispEditWarning, stacklevel=3)
 
 
 def _corpus_key(c: dict[str, Any]) -> str | None:

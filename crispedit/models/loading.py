@@ -121,6 +121,7 @@ def resolve_model_spec(spec: str | os.PathLike) -> ResolvedModel:
         return ResolvedModel("embedded", models_dir / EMBEDDED_MODEL, EMBEDDED_MODEL, gguf_file=embedded_gguf_path())
 
     path = Path(text).expanduser()
+    recover_dir(path)  # a folder whose replacement was killed half-way is restored first
     if text.lower().endswith(".gguf"):
         if not path.is_file():
             raise CrispEditError(f"GGUF file not found: {path}")
