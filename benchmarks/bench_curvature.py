@@ -9,7 +9,11 @@ What it measures, in one run so that all numbers share the machine's conditions:
   (c) eigendecomposition time per target, as the cache stores it (float64 eigh of S, and of A with the
       sink directions split off);
   (d) cache bytes on disk against sum over targets of (d_in^2 + d_out^2) * 8 bytes (the two float64 factors),
-      for the statistics file alone and for statistics + eigenbases.
+      for the statistics file alone and for statistics + eigenbases (the sink sum A_sink is stored as a
+      low-rank factor; its rank is printed);
+  (e) the largest probability tensor the collector forms when it builds output gradients (a chunk of
+      `SOFTMAX_CHUNK` logits) against the float32 [batch, length, vocabulary] tensor an unchunked softmax
+      would hold.
 
 The machine may be shared with other processes, so the three methods are interleaved batch by batch
 (each batch runs plain, sampled, empirical back to back) after a warm-up, and the figures reported are
@@ -34,8 +38,8 @@ import torch
 
 from crispedit import __version__
 from crispedit.curvature.api import Curvature, CurvatureConfig
-from crispedit.curvature.cache import EIGEN, RECORD, STATS
-from crispedit.curvature.collect import CollectConfig, collect_lm_stats, empty_stats
+from crispedit.curvature.cache import EIGEN, RECORD, STATS, sink_factor
+from crispedit.curvature.collect import SOFTMAX_CHUNK, CollectConfig, collect_lm_stats, empty_stats
 from crispedit.curvature.eigen import eigendecompose
 from crispedit.data.corpus import build_corpus
 from crispedit.models import EMBEDDED_MODEL, load_model, resolve_targets
@@ -99,14 +103,15 @@ def main(argv: list[str] | None = None) -> int:
     cfgs = {m: CollectConfig(labels=m, seed=0, sink_tokens=args.sink_tokens) for m in ("sampled", "empirical")}
     stats = {m: empty_stats(modules, sink=args.sink_tokens > 0) for m in cfgs}
 
-    def collect(method: str, batch: list[list[int]]) -> None:
+    def collect(method: str, batch: list[list[int]], first: int) -> None:
+        # Global sequence indices: each sequence draws its own labels (as in one collection over all chunks).
         collect_lm_stats(model, batch, targets, cfgs[method], batch_size=len(batch), max_tokens=None,
-                         stats=stats[method], progress=False)
+                         stats=stats[method], progress=False, indices=range(first, first + len(batch)))
 
-    def run(method: str, batch: list[list[int]]) -> float:
+    def run(method: str, batch: list[list[int]], first: int = 0) -> float:
         if method == "plain":
             return timed(lambda: plain_step(model, torch.tensor(batch)))
-        return timed(lambda: collect(method, batch))
+        return timed(lambda: collect(method, batch, first))
 
     model.train()
     for p in model.parameters():
@@ -131,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         for b, batch in enumerate(batches):
             row = {}
             for method in METHODS:
-                row[method] = run(method, batch)
+                row[method] = run(method, batch, b * args.batch_size)
                 times[method].append(row[method])
             tokens_per_batch.append(sum(len(s) for s in batch))
             for m in ratios:
@@ -160,16 +165,23 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         path = cur.save(Path(tmp) / "cache")
         sizes = {f: (path / f).stat().st_size for f in (STATS, EIGEN, RECORD)}
+    sink_rank = {n: int(sink_factor(s.A_sink).shape[1]) for n, s in stats["empirical"].items()
+                 if s.A_sink is not None}
     cache = {
+        "sink_factor_rank": sink_rank,
         "factor_bytes": factors,
         "stats_bytes": sizes[STATS],
         "eigen_bytes": sizes[EIGEN],
         "record_bytes": sizes[RECORD],
         "stats_over_factors": sizes[STATS] / factors,
         "stats_plus_eigen_over_factors": (sizes[STATS] + sizes[EIGEN]) / factors,
-        "note": ("stats.safetensors also holds A_sink (d_in x d_in per target) when sink tokens are kept "
-                 "apart; eigen.safetensors holds U_A, U_S (same sizes as A, S) and the eigenvalues"),
+        "note": ("stats.safetensors also holds the sink positions' sum as a d_in x rank factor (or whole when "
+                 "that is not smaller); eigen.safetensors holds U_A, U_S (same sizes as A, S) and the eigenvalues"),
     }
+    vocab = model.get_output_embeddings().weight.shape[0]
+    rows = max(1, SOFTMAX_CHUNK // vocab)
+    softmax = {"vocabulary": vocab, "chunk_positions": rows, "chunk_bytes_float32": rows * vocab * 4,
+               "unchunked_bytes_float32": args.batch_size * args.length * vocab * 4}
 
     result = {
         "crispedit_version": __version__,
@@ -184,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         "collection_over_plain": ratio,
         "eigendecompose": eig,
         "cache": cache,
+        "output_gradient_softmax": softmax,
         "raw_batch_seconds": times,
     }
     print()
@@ -199,7 +212,11 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"cache bytes: stats {sizes[STATS]:,} ({cache['stats_over_factors']:.2f}x the factors' "
           f"{factors:,}); stats+eigen {sizes[STATS] + sizes[EIGEN]:,} "
-          f"({cache['stats_plus_eigen_over_factors']:.2f}x); record {sizes[RECORD]:,}")
+          f"({cache['stats_plus_eigen_over_factors']:.2f}x); record {sizes[RECORD]:,}; sink factor rank "
+          + ", ".join(str(r) for r in sink_rank.values()))
+    print(f"output gradients: probabilities formed {rows} positions at a time ({softmax['chunk_bytes_float32'] / 1e6:.1f} MB "
+          f"float32) instead of a [{args.batch_size}, {args.length}, {vocab}] tensor "
+          f"({softmax['unchunked_bytes_float32'] / 1e6:.0f} MB)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")

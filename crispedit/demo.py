@@ -39,6 +39,7 @@ FALLBACK_EDITS = [
                 rephrases=("In Brazil, people officially speak",),
                 locality=(LocalityPrompt("The official language of Portugal is", "Portuguese"),)),
 ]
+DEMO_KIND = "demo-report"
 COUNTERFACT_CANDIDATES = ("../shared/data/counterfact/counterfact-edit.json",
                           "shared/data/counterfact/counterfact-edit.json")
 
@@ -94,12 +95,13 @@ def run_demo(cfg: DemoConfig | None = None, progress: bool = False,
     from crispedit.evaluation.report import HEADLINE_KEYS, compare_reports, write_report
     from crispedit.evaluation.runner import evaluate
     from crispedit.formatting import resolve_contexts
-    from crispedit.io import atomic_dir
+    from crispedit.io import atomic_dir, check_output_folder
     from crispedit.models.loading import EMBEDDED_MODEL, load_model
 
     cfg = cfg if cfg is not None else DemoConfig()
     echo = echo if echo is not None else logger.info
     t0 = time.perf_counter()
+    check_output_folder(cfg.out, True, DEMO_KIND)  # only a previous demo report is ever replaced
     timings: dict[str, float] = {}
     echo(f"crispedit demo: {EMBEDDED_MODEL}, embedded Wikipedia excerpt, {cfg.n_edits} counterfactual edits")
     model, tok = load_model(EMBEDDED_MODEL, device=cfg.device, dtype=cfg.dtype)
@@ -148,7 +150,7 @@ def run_demo(cfg: DemoConfig | None = None, progress: bool = False,
     table = compare_reports(list(reports.values()), keys=keys + ["reliability_tf", "locality_tf"])
     timings["total"] = time.perf_counter() - t0
     out = Path(cfg.out)
-    with atomic_dir(out, overwrite=True) as tmp:
+    with atomic_dir(out, overwrite=True, kind=DEMO_KIND) as tmp:
         for k, rep in reports.items():
             write_report(rep, tmp / f"{k}.json")
         plot_tradeoff([reports["ft"], reports["crispedit"]], tmp / "tradeoff.png",

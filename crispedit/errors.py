@@ -82,8 +82,21 @@ class DivergenceError(CrispEditError):
     """Training produced NaN/inf; the weights were restored to their values before the run."""
 
 
-class OutputExistsError(CrispEditError):
+class OutputError(CrispEditError):
+    """An output location the job must not or cannot write: one of its inputs, a folder crispedit did not write,
+    an unwritable place (crispedit.io)."""
+
+
+class OutputExistsError(OutputError, FileExistsError):
     """An output folder or file exists and overwriting it was not allowed (`overwrite=False`)."""
+
+
+class WriteError(OutputError):
+    """A file or folder could not be written (no space, read-only, no permission); the message names it."""
+
+
+class CacheIntegrityError(CrispEditError):
+    """A curvature cache's files are not the ones its record describes, or hold impossible values."""
 
 
 class CrispEditWarning(UserWarning):
@@ -92,11 +105,14 @@ class CrispEditWarning(UserWarning):
 
 
 __all__ = [
+    "CacheIntegrityError",
     "CacheMismatchError",
     "ConfigError",
     "CrispEditError",
     "CrispEditWarning",
     "DivergenceError",
     "NoTargetModulesError",
+    "OutputError",
     "OutputExistsError",
+    "WriteError",
 ]

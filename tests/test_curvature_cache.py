@@ -93,8 +93,11 @@ def test_save_load_round_trip_is_exact(model, tok, tmp_path):
     for name in cur.targets:
         s, t = cur.stats[name], back.stats[name]
         assert (t.n, t.n_sink) == (s.n, s.n_sink) and s.n > 0 and s.n_sink == 9
-        for x, y in ((s.A, t.A), (s.S, t.S), (s.A_sink, t.A_sink)):
+        for x, y in ((s.A, t.A), (s.S, t.S)):
             assert y.dtype == torch.float64 and torch.equal(x, y)
+        # The sink sum is stored as a low-rank factor F (A_sink = F Fᵀ): equal to float64 round-off.
+        assert t.A_sink.dtype == torch.float64
+        torch.testing.assert_close(t.A_sink, s.A_sink, rtol=0, atol=1e-13 * float(s.A_sink.abs().max()))
         e, f = cur.eigen[name], back.eigen[name]
         for k in ("lam_A", "U_A", "lam_S", "U_S"):
             assert torch.equal(getattr(e, k), getattr(f, k)), k
@@ -106,6 +109,17 @@ def test_save_load_round_trip_is_exact(model, tok, tmp_path):
     # The loaded cache projects exactly like the computed one.
     for name, m in cur.masks(0.9).items():
         assert torch.equal(m, back.masks(0.9)[name])
+    # Re-decomposed from the loaded sums (what extend and merge do), the masks are the same and the
+    # projectors equal to round-off: the low-rank sink factor loses nothing.
+    again = Curvature.from_stats(back.stats, back.record)
+    for g in (0.5, 0.9, 0.99):
+        for name, m in cur.masks(g).items():
+            assert torch.equal(m, again.masks(g)[name]), (g, name)
+        pa, pb = cur.projectors(g, dtype=torch.float64), again.projectors(g, dtype=torch.float64)
+        for name in cur.targets:
+            assert cur.eigen[name].n_sink == again.eigen[name].n_sink
+            X = torch.randn(*cur.stats[name].S.shape[:1], cur.stats[name].A.shape[0], dtype=torch.float64)
+            assert torch.allclose(pa[name](X), pb[name](X), rtol=0, atol=1e-10 * float(X.abs().max()))
 
 
 def test_record_holds_what_identifies_the_cache(model, tok, tmp_path):
@@ -113,10 +127,14 @@ def test_record_holds_what_identifies_the_cache(model, tok, tmp_path):
     cfg = CurvatureConfig(labels="sampled", sink_tokens=1, batch_size=4)
     cur = Curvature.compute(model, TARGETS, corpus.sequences, corpus.describe(), cfg, pad_id=1, progress=False)
     rec = json.loads((cur.save(tmp_path / "cache") / RECORD).read_text())
-    assert rec["format"] == cache_mod.FORMAT and rec["format_version"] == cache_mod.FORMAT_VERSION == 1
+    assert rec["format"] == cache_mod.FORMAT and rec["format_version"] == cache_mod.FORMAT_VERSION == 2
     assert rec["crispedit_version"] == __version__
     m = rec["model"]
     assert m["model_type"] == "llama" and len(m["weights_sha256"]) == 64 and len(m["config_sha256"]) == 64
+    assert len(m["model_weights_sha256"]) == 64
+    files = rec["integrity"]["files"]
+    for f in (STATS, EIGEN):
+        assert files[f]["bytes"] == (tmp_path / "cache" / f).stat().st_size and len(files[f]["sha256"]) == 64
     assert m["num_parameters"] == sum(p.numel() for p in model.parameters())
     assert rec["targets"] == [{"name": n, "d_in": 64, "d_out": 32} for n in TARGETS]
     assert rec["collection"]["labels"] == "sampled" and rec["collection"]["sink_tokens"] == 1
@@ -144,11 +162,14 @@ def test_other_weights_config_or_targets_are_refused_with_the_fields(model, tok,
         Curvature.load(path, other_weights)
     assert "config_sha256" not in str(e.value)
 
-    # Weights outside the targets are not part of the fingerprint.
-    untargeted = copy.deepcopy(model)
-    with torch.no_grad():
-        untargeted.get_submodule("model.layers.0.mlp.up_proj").weight.mul_(2)
-    Curvature.load(path, untargeted)
+    # Weights outside the targets change the statistics too (A below a target, S above it): refused.
+    for other_layer in ("model.layers.0.mlp.up_proj", "model.layers.1.self_attn.q_proj", "lm_head"):
+        untargeted = copy.deepcopy(model)
+        with torch.no_grad():
+            untargeted.get_submodule(other_layer).weight.mul_(2)
+        with pytest.raises(CacheMismatchError, match="model_weights_sha256") as e:
+            Curvature.load(path, untargeted)
+        assert "weights_sha256: cache" not in str(e.value).replace("model_weights_sha256", "")
 
     other_config = tiny_llama(len(tok), rms_norm_eps=1e-3)
     other_config.load_state_dict(model.state_dict())

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
@@ -58,15 +57,10 @@ def add_info_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def check_writable(out: Path) -> None:
-    """The cache is written beside `out` and renamed into place: its nearest existing ancestor must be
-    writable (checked now rather than after a long collection)."""
-    parent = out.absolute().parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise CrispEditError(f"cannot write the curvature cache {out}: {parent} is not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise CrispEditError(f"cannot write the curvature cache {out}: no write permission in {parent}")
+    """The cache is written beside `out` and renamed into place: checked now rather than after a long collection."""
+    from crispedit.io import check_writable as probe
+
+    probe(out, "curvature cache")
 
 
 def check_output(out: Path, force: bool) -> None:
@@ -119,6 +113,10 @@ def run_curvature(args: argparse.Namespace) -> int:
         check_corpus_path(plan.source)
     else:
         check_output(out, args.force)
+    from crispedit.io import check_apart_from_inputs
+    from crispedit.models.loading import model_source_path
+
+    check_apart_from_inputs(out, [model_source_path(args.model), corpus_cfg.source], "curvature cache")
 
     from crispedit.cli.common import load_model_from_args
     from crispedit.curvature.api import Curvature
@@ -179,6 +177,9 @@ def run_merge(args: argparse.Namespace) -> int:
     for c in args.caches:
         read_record(c)  # every input is a readable cache before anything is loaded
     check_output(out, args.force)
+    from crispedit.io import check_apart_from_inputs
+
+    check_apart_from_inputs(out, args.caches, "merged cache")
     merged = Curvature.load(args.caches[0])
     for c in args.caches[1:]:
         merged = merged.merge(Curvature.load(c))

@@ -38,12 +38,12 @@ def run(args: argparse.Namespace) -> int:
     from crispedit.cli.common import load_model_from_args
     from crispedit.curvature.cache import read_record
     from crispedit.data.readers import load_requests
-    from crispedit.editing.run import run_edit
+    from crispedit.editing.run import check_edit_output, run_edit
+    from crispedit.models.loading import model_source_path
 
     out = Path(args.out)
     cfg = config_from_args(args, EditConfig)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
-        raise UsageError(f"output folder {out} exists and is not empty (choose another, or --force)")
+    check_edit_output(out, args.force, [model_source_path(args.model), args.curvature_path, args.edits, args.state_dir])
     if cfg.projection is not None and not args.curvature_path:
         raise UsageError(f"--method {cfg.method} needs --curvature CACHE (build one with `crispedit curvature`)")
     if args.resume and not args.sequential:
@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
              f"{d.get('kfac_quadratic_form', float('nan')):.3g}"] for n, d in rec["diagnostics"].items()]
     echo(format_table(["target", "‖ΔW‖", "share in removed dirs", "½ΔᵀGΔ (K-FAC)"], rows))
     losses = rec["step_losses"]
-    echo(f"{len(requests)} edits, {len(losses)} steps, final loss {losses[-1]:.4f}, "
+    echo(f"{len(requests)} edits, {len(losses)} steps, final loss {losses[-1] if losses else float('nan'):.4f}, "
          f"{rec['seconds_total']:.1f} s → {out}")
     return 0
 

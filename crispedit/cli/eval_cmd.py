@@ -38,9 +38,11 @@ def run_eval(args: argparse.Namespace) -> int:
     from crispedit.editing.run import MODEL_DIR, is_edit_run, read_run_record
     from crispedit.evaluation.report import write_report
     from crispedit.evaluation.runner import evaluate
+    from crispedit.io import check_report_output
 
     if args.delta and not args.base:
         raise UsageError("--delta needs --base (the model the delta applies to)")
+    check_report_output(args.out, inputs=[args.model, args.base, args.delta, args.edits])
     rc = config_from_args(args, RequestsConfig)
     cfg = config_from_args(args, EvalConfig, show_progress=True)
     requests = load_requests(args.edits, fmt=rc.format, limit=rc.limit,

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from crispedit.config import CurvatureConfig
-from crispedit.curvature.cache import compare_fingerprints, load_cache, save_cache
+from crispedit.curvature.cache import check_finite_stats, compare_fingerprints, load_cache, save_cache
 from crispedit.curvature.collect import collect_lm_stats
 from crispedit.curvature.eigen import LayerEigen, eigendecompose, sym_eigh, top_energy_fraction
 from crispedit.curvature.energy import energy_rank
@@ -32,11 +32,59 @@ SUMMARY_GAMMAS = (0.5, 0.9, 0.99, 0.999)
 
 
 def model_fingerprint(model: nn.Module, targets: Sequence[str]) -> dict[str, Any]:
-    from crispedit.models.fingerprint import model_identity, weights_fingerprint
+    """Identity of the model plus two hashes: the targeted weights (`weights_sha256`) and every weight
+    (`model_weights_sha256`) — A depends on the layers below a target, S and sampled labels on those above."""
+    from crispedit.models.fingerprint import all_weights_fingerprint, model_identity, weights_fingerprint
 
     ident = dict(model_identity(model))
     ident["weights_sha256"] = weights_fingerprint(model, list(targets))
+    ident["model_weights_sha256"] = all_weights_fingerprint(model)
     return ident
+
+
+def factor_memory_bytes(model: nn.Module, targets: Sequence[str], sink: bool = True) -> tuple[int, str]:
+    """Memory the curvature of `targets` needs at its peak (bytes), and the largest factor in words: the
+    float64 sums A, S (and A_sink), the eigenbases U_A, U_S kept beside them, and the workspace of the
+    largest eigendecomposition (a copy of the matrix and its eigenvectors)."""
+    from crispedit.models.targets import layer_io_dims
+
+    total, peak, largest, where = 0, 0, 0, ""
+    for n in targets:
+        d_in, d_out = layer_io_dims(model.get_submodule(n))
+        total += 8 * ((3 if sink else 2) * d_in * d_in + 2 * d_out * d_out)
+        d = max(d_in, d_out)
+        peak = max(peak, 8 * 2 * d * d)
+        if d > largest:
+            largest, where = d, f"{n}: {'S' if d_out >= d_in else 'A'} is {d}x{d} float64 = {8 * d * d / 1e9:.1f} GB"
+    return total + peak, where
+
+
+def available_memory(device: torch.device | str) -> int | None:
+    """Bytes that can still be allocated on `device` (MemAvailable for the CPU), None if unknown."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(dev)
+        return int(free)
+    if dev.type != "cpu":
+        return None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_factor_memory(model: nn.Module, targets: Sequence[str], sink: bool = True) -> None:
+    """Refuse, before collecting, targets whose factors do not fit in the memory available now."""
+    need, largest = factor_memory_bytes(model, targets, sink)
+    device = next(model.parameters()).device
+    have = available_memory(device)
+    if have is not None and need > have:
+        raise CrispEditError(f"the curvature of {len(targets)} target(s) needs about {need / 1e9:.1f} GB of "
+                             f"{device.type.upper()} memory, {have / 1e9:.1f} GB is available (largest factor "
+                             f"{largest})", hint={"targets": ...}, hint_text="choose smaller layers ({fix})")
 
 
 def nscl_keep_columns(e: LayerEigen, gamma: float) -> torch.Tensor:
@@ -91,6 +139,7 @@ class Curvature:
         if not sequences:
             raise CrispEditError("the capability corpus is empty: no sequences to collect curvature from")
         t0 = time.perf_counter()
+        check_factor_memory(model, targets, sink=cfg.sink_tokens > 0)
         stats = _collect(model, targets, sequences, cfg, pad_id, dist, progress, None)
         record = {
             "model": model_fingerprint(model, targets),
@@ -109,6 +158,7 @@ class Curvature:
     @classmethod
     def from_stats(cls, stats: KFACStats, record: dict[str, Any]) -> "Curvature":
         sink_energy = record.get("collection", {}).get("sink_energy", CurvatureConfig.sink_energy)
+        check_finite_stats(stats)
         eigen = {n: eigendecompose(s, sink_energy=sink_energy) for n, s in stats.items()}
         record = dict(record)
         record["n_tokens"] = stats.n_tokens
@@ -151,6 +201,13 @@ class Curvature:
                 diffs.append(f"collection.{k}: {a!r} vs {b!r}")
         if diffs:
             raise CacheMismatchError("cannot merge curvature caches that differ in: " + "; ".join(diffs), diffs=diffs)
+        twice = _shared_corpora(self.record, other.record)
+        if not twice and all(torch.equal(self.stats[n].A, other.stats[n].A) and self.stats[n].n == other.stats[n].n
+                             for n in self.targets):
+            twice = ["identical statistics (the same cache twice?)"]
+        if twice:
+            raise CacheMismatchError("cannot merge: both caches hold " + "; ".join(twice) + " — merging would count "
+                                     "those tokens twice", diffs=twice)
         stats = self.stats.clone().add_(other.stats)
         record = dict(self.record, corpora=self.record["corpora"] + other.record["corpora"])
         return Curvature.from_stats(stats, record)
@@ -197,10 +254,14 @@ class Curvature:
         if not 0.0 < gamma < 1.0:
             raise CrispEditError(f"gamma must be in (0, 1), got {gamma}")
         if kind == "kfac":
+            masks = self.masks(gamma, scope)
+            check_kept(masks, gamma, kind)
             return {n: KroneckerProjector(self.eigen[n].U_S, self.eigen[n].U_A, m, dtype=dtype, device=device)
-                    for n, m in self.masks(gamma, scope).items()}
+                    for n, m in masks.items()}
         if kind == "nscl":
-            return {n: InputNullspaceProjector(e.U_A, nscl_keep_columns(e, gamma), dtype=dtype, device=device)
+            keep = {n: nscl_keep_columns(e, gamma) for n, e in self.eigen.items()}
+            check_kept(keep, gamma, kind)
+            return {n: InputNullspaceProjector(e.U_A, keep[n], dtype=dtype, device=device)
                     for n, e in self.eigen.items()}
         raise CrispEditError(f"unknown projection kind {kind!r}; expected one of {PROJECTION_KINDS}")
 
@@ -218,10 +279,12 @@ class Curvature:
         return out
 
     # ------------------------------------------------------------------ persistence
-    def save(self, path: str | Path, overwrite: bool = True) -> Path:
+    def save(self, path: str | Path, overwrite: bool = True, compact_sink: bool = True) -> Path:
+        """Write the cache folder (see cache.py). `compact_sink=False` keeps the sink sums whole instead of as a
+        low-rank factor (exact to the bit rather than to round-off: sequential states need that)."""
         record = dict(self.record)
         record["kept"] = self.kept_report()
-        return save_cache(path, self.stats, self.eigen, record, overwrite=overwrite)
+        return save_cache(path, self.stats, self.eigen, record, overwrite=overwrite, compact_sink=compact_sink)
 
     @classmethod
     def load(cls, path: str | Path, model: nn.Module | None = None, allow_mismatch: bool = False,
@@ -259,6 +322,36 @@ class Curvature:
                                      hint={"allow_mismatch": True},
                                      hint_text="recompute it, or pass {fix} to use it anyway")
         return ident
+
+
+def check_kept(masks: dict[str, torch.Tensor], gamma: float, kind: str) -> None:
+    """An edit confined to an empty subspace changes nothing (ΔW = 0) yet would "succeed": refuse it, and warn
+    about single targets that cannot move."""
+    import warnings
+
+    from crispedit.errors import CrispEditWarning
+
+    empty = [n for n, m in masks.items() if not bool(m.any())]
+    if masks and len(empty) == len(masks):
+        raise CrispEditError(f"nothing is editable at γ={gamma} ({kind} projection): the kept subspace of every "
+                             "target is empty; raise γ, or check the cache (curvature info)")
+    if empty:
+        warnings.warn(f"at γ={gamma} the kept subspace of {', '.join(empty)} is empty: those layers will not "
+                      "change", CrispEditWarning, stacklevel=3)
+
+
+def _corpus_key(c: dict[str, Any]) -> str | None:
+    for k in ("fingerprint", "sequences_sha256", "requests_sha256"):
+        if c.get(k):
+            return f"{k}:{c[k]}"
+    return None
+
+
+def _shared_corpora(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """Corpora (by fingerprint) present in both records."""
+    keys = {_corpus_key(c): c for c in a.get("corpora", []) if _corpus_key(c)}
+    return [f"corpus {c.get('source')} (fingerprint {_corpus_key(c).split(':')[1][:12]})"
+            for c in b.get("corpora", []) if _corpus_key(c) in keys]
 
 
 def _collect(model, targets, sequences, cfg: CurvatureConfig, pad_id, dist, progress, stats) -> KFACStats:

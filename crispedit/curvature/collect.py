@@ -11,10 +11,19 @@ Design choices that matter for speed and correctness:
   `exact` backpropagates every column of the square root of the softmax cross-entropy Hessian
   (C backward passes) — only for small output spaces (tests, the MNIST study).
 - Only valid positions (attention mask = 1) count; padding never does. Sums are float64.
+- Sampled labels are drawn per *sequence*: sequence i of a collection uses its own random stream, seeded
+  by (seed, i) alone, so the statistics are the same whatever the batch size, the order of the batches or
+  the number of processes sharing the corpus (torchrun). Labels come from the inverse CDF of the model's
+  predictive distribution at one uniform draw per position.
+- The gradient of the summed cross-entropy with respect to the logits, softmax(z) − onehot(y), is formed
+  a chunk of positions at a time (at most `SOFTMAX_CHUNK` logits turned into probabilities at once) and
+  backpropagated with `grad_outputs`: no [batch, length, vocabulary] float32 probability or log-softmax
+  tensor is ever held beside the model's own logits.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from types import EllipsisType
 from typing import Callable, Iterable, Iterator, Sequence
@@ -28,6 +37,21 @@ from crispedit.curvature.stats import KFACStats, LayerStats
 from crispedit.models.runtime import frozen_parameters
 
 LABEL_MODES = Labels.values()
+# Logit entries (positions x vocabulary) turned into probabilities at once when forming output gradients:
+# 2^22 entries are 16 MB in float32 (SmolLM2: 85 positions of its 49,152-token vocabulary).
+SOFTMAX_CHUNK = 1 << 22
+
+
+def sequence_seed(seed: int, index: int) -> int:
+    """The seed of sequence `index`'s label stream in a collection seeded `seed` (a hash of both, so that
+    neighbouring seeds do not share streams at shifted indices)."""
+    digest = hashlib.sha256(f"crispedit-labels:{int(seed)}:{int(index)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def sequence_generators(seed: int, indices: Sequence[int]) -> list[torch.Generator]:
+    """One CPU generator per sequence (CPU so that every device draws the same labels)."""
+    return [torch.Generator().manual_seed(sequence_seed(seed, i)) for i in indices]
 
 
 class Capture:
@@ -89,6 +113,46 @@ def label_losses(out_logits: torch.Tensor, data_labels: torch.Tensor, cfg: Curva
             y = data_labels
         upcast = out_logits if out_logits.dtype == torch.float64 else out_logits.float()
         yield nn.functional.cross_entropy(upcast, y, reduction="sum"), 1.0 / cfg.mc_samples, m < cfg.mc_samples - 1
+def _uniforms(loss_pos: torch.Tensor, generator: torch.Generator | None,
+              row_generators: Sequence[torch.Generator] | None) -> torch.Tensor:
+    """One uniform float64 draw per loss position, in row-major order of `loss_pos` (CPU). With
+    `row_generators`, example e (dim 0) draws its positions' uniforms from its own generator, so its
+    labels do not depend on which other examples share the batch."""
+    if row_generators is None:
+        return torch.rand(int(loss_pos.sum()), generator=generator, dtype=torch.float64)
+    if len(row_generators) != loss_pos.shape[0]:
+        raise ValueError(f"{len(row_generators)} generators for {loss_pos.shape[0]} examples")
+    counts = loss_pos.reshape(loss_pos.shape[0], -1).sum(1).tolist()
+    return torch.cat([torch.rand(int(c), generator=g, dtype=torch.float64) for g, c in zip(row_generators, counts)])
+
+
+def logit_gradients(logits: torch.Tensor, loss_pos: torch.Tensor, targets: torch.Tensor | None,
+                    uniforms: torch.Tensor | None, chunk: int | None = None) -> torch.Tensor:
+    """∂(Σ cross-entropy)/∂logits = softmax(z) − onehot(y) at the loss positions (zero elsewhere), in the
+    logits' dtype. y is `targets` (empirical labels) or, with `uniforms`, drawn from softmax(z) by the
+    inverse CDF. Probabilities are formed in float32 (float64 for float64 logits), `chunk` logit entries at
+    a time; the CDF is accumulated in float64."""
+    C = logits.shape[-1]
+    chunk = SOFTMAX_CHUNK if chunk is None else chunk
+    flat = logits.detach().reshape(-1, C)
+    rows = loss_pos.reshape(-1).nonzero().squeeze(1).to(flat.device)
+    grad = torch.zeros_like(flat)
+    cdtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    y_all = None if targets is None else targets.reshape(-1)[loss_pos.reshape(-1)].to(flat.device)
+    step = max(1, int(chunk) // C)
+    for i in range(0, rows.numel(), step):
+        r = rows[i : i + step]
+        p = torch.softmax(flat[r].to(cdtype), dim=-1)
+        if uniforms is not None:
+            cdf = p.double().cumsum(-1)
+            u = uniforms[i : i + step].to(device=cdf.device) * cdf[:, -1]
+            y = torch.searchsorted(cdf, u.unsqueeze(1)).squeeze(1).clamp_max(C - 1)
+            del cdf
+        else:
+            y = y_all[i : i + step]
+        p[torch.arange(r.numel(), device=p.device), y] -= 1.0
+        grad[r] = p.to(grad.dtype)
+    return grad.view_as(logits)
 
 
 def accumulate_batch(
@@ -100,6 +164,8 @@ def accumulate_batch(
     cfg: CurvatureConfig,
     generator: torch.Generator | None = None,
     sink: torch.Tensor | None = None,
+    row_generators: Sequence[torch.Generator] | None = None,
+    softmax_chunk: int | None = None,
 ) -> None:
     """Run one batch and add its statistics to `stats`.
 
@@ -107,11 +173,12 @@ def accumulate_batch(
     targets:   (*positions) next-token labels, -100 where there is no loss term.
     valid:     (*positions) bool, positions whose inputs/gradients count (padding excluded).
     sink:      optional (*positions) bool, positions summed apart into A_sink (excluded from A, S).
+    generator / row_generators: the stream sampled labels are drawn from — one for the whole batch, or one
+               per example along dim 0 (see `sequence_generators`).
     """
     with Capture(modules) as cap:
         logits = forward()
         loss_pos = targets != -100
-        out_logits = logits[loss_pos]
         n_out = [cap.outputs[k] for k in modules]
         grads_sq: dict[str, torch.Tensor] = {}
 
@@ -125,7 +192,7 @@ def accumulate_batch(
                     upd *= weight
                 grads_sq[name] = grads_sq[name] + upd if name in grads_sq else upd
 
-        if out_logits.numel() > 0:
+        if bool(loss_pos.any()):
             if cfg.labels == "exact":
                 # One backward per (sequence position, Hessian-square-root column): the per-position loss
                 # terms are kept apart so no cross-position products enter S — the same matrix that the
@@ -140,9 +207,16 @@ def accumulate_batch(
                                              allow_unused=True)
                     add_grads(gs, 1.0)
             else:
-                for loss, weight, more in label_losses(out_logits, targets[loss_pos], cfg, generator):
-                    gs = torch.autograd.grad(loss, n_out, retain_graph=more, allow_unused=True)
-                    add_grads(gs, weight)
+                for m in range(cfg.mc_samples):
+                    if cfg.labels == Labels.SAMPLED:
+                        u = _uniforms(loss_pos.cpu(), generator, row_generators)
+                        g_logits = logit_gradients(logits, loss_pos, None, u, softmax_chunk)
+                    else:
+                        g_logits = logit_gradients(logits, loss_pos, targets, None, softmax_chunk)
+                    gs = torch.autograd.grad(logits, n_out, grad_outputs=g_logits,
+                                             retain_graph=m < cfg.mc_samples - 1, allow_unused=True)
+                    del g_logits
+                    add_grads(gs, 1.0 / cfg.mc_samples)
 
         n_valid = int(valid.sum())
         for name in modules:
@@ -197,6 +271,7 @@ def collect_lm_stats(
     stats: KFACStats | None = None,
     progress: bool = False,
     desc: str = "K-FAC statistics",
+    indices: Sequence[int] | None = None,
 ) -> KFACStats:
     """K-FAC statistics of a causal LM's next-token loss over token sequences (full-sequence loss).
 
@@ -208,6 +283,9 @@ def collect_lm_stats(
         cfg: collection settings (default `CurvatureConfig()`); `batch_size` and `max_tokens` default to its
             values (`max_tokens=None`: no limit).
         progress: show a progress bar (default False).
+        indices: the sequences' positions in the whole collection (default 0, 1, ...): sequence i's
+            sampled labels come from the stream `sequence_seed(cfg.seed, indices[i])`, so a shard collected
+            with its global indices draws exactly what the whole collection would.
     """
     cfg = cfg if cfg is not None else CurvatureConfig()
     batch_size = cfg.batch_size if batch_size is None else batch_size
@@ -216,8 +294,9 @@ def collect_lm_stats(
     device = next(model.parameters()).device
     if stats is None:
         stats = empty_stats(modules, sink=cfg.sink_tokens > 0, device=device)
-    gen = torch.Generator(device=device)
-    gen.manual_seed(cfg.seed)
+    indices = list(range(len(sequences))) if indices is None else [int(i) for i in indices]
+    if len(indices) != len(sequences):
+        raise ValueError(f"{len(indices)} indices for {len(sequences)} sequences")
     batches = _batches(sequences, batch_size, max_tokens)
     was_training = model.training
     model.eval()
@@ -239,10 +318,11 @@ def collect_lm_stats(
                     pos = torch.arange(T, device=device).expand_as(mask)
                     sink = mask & (pos < cfg.sink_tokens)
                     valid = mask & ~sink
+                gens = sequence_generators(cfg.seed, [indices[i] for i in idx]) if cfg.labels == Labels.SAMPLED else None
                 accumulate_batch(
                     stats, modules,
                     lambda: model(input_ids=ids, attention_mask=mask.long()).logits,
-                    targets, valid, cfg, gen, sink,
+                    targets, valid, cfg, None, sink, row_generators=gens,
                 )
     finally:
         model.train(was_training)

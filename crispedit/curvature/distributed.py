@@ -2,18 +2,16 @@
 
 The statistics are float64 *sums* plus integer token counts (see stats.py), so a data-parallel
 collection is exact by construction: every rank collects over a disjoint shard of the sequences and a
-SUM all-reduce adds the shards. With `empirical` or `exact` labels the result equals the
-single-process result up to floating-point round-off (the order of additions differs). With `sampled`
-labels each rank draws its labels from its own stream (seed = cfg.seed + rank) — identical streams on
-every rank would correlate the shards' noise — so the result equals the single-process result *in
-distribution*, not bit for bit.
+SUM all-reduce adds the shards. The result equals the single-process result up to floating-point
+round-off (the order of additions differs) for every label mode: sampled labels are drawn per sequence
+from a stream seeded by (seed, the sequence's index in the whole corpus) — see `collect.sequence_seed` —
+so a sequence gets the same labels whichever rank collects it and however many ranks there are.
 
 Only rank 0 (`is_main`) should write caches and reports; the other ranks hold the same sums.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -36,7 +34,6 @@ __all__ = [
     "init_distributed",
     "shutdown",
     "is_main",
-    "rank_config",
     "all_reduce_stats",
     "collect_lm_stats_distributed",
 ]
@@ -124,6 +121,7 @@ def init_distributed(device: str | None = None, timeout: timedelta | None = None
             raise CrispEditError(f"environment variable {var} is not set; launch distributed runs with torchrun")
     dev = _resolve_device(device, local_rank, True)
     backend = "nccl" if dev.type == "cuda" else "gloo"
+    _import_world_default_modules()
     kwargs: dict[str, Any] = {"backend": backend, "init_method": "env://", "rank": rank, "world_size": world}
     if timeout is not None:
         kwargs["timeout"] = timeout
@@ -131,18 +129,27 @@ def init_distributed(device: str | None = None, timeout: timedelta | None = None
     return DistContext(rank, world, local_rank, dev, backend, initialised_here=True)
 
 
+def _import_world_default_modules() -> None:
+    """Import, before the process group exists, the torch modules that bind `group.WORLD` as a default
+    argument when they are first imported.
+
+    `torch.distributed.nn.functional` declares `def broadcast(tensor, src, group=group.WORLD)` and the
+    like. Imported after `init_process_group` (torch._dynamo imports it, and transformers imports
+    torch._dynamo when it builds a model), those defaults keep the default process group alive for good:
+    `destroy_process_group` can no longer free it, its threads (pt_gloo_runloop, gloo_tcp_loop, rank 0's
+    TCPStore server) run on into interpreter shutdown, and tearing them down there, in whatever order
+    finalisation picks, now and then aborts the finished process ("terminate called without an active
+    exception") after all its output was written. Imported first, the defaults are None."""
+    try:
+        import torch.distributed.nn  # noqa: F401
+    except ImportError:  # builds without it have nothing to hold the group either
+        pass
+
+
 def shutdown(ctx: DistContext) -> None:
     """Destroy the process group, but only if `init_distributed` created it."""
     if ctx.initialised_here and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def rank_config(cfg: CurvatureConfig, ctx: DistContext) -> CurvatureConfig:
-    """The collection settings of this rank: sampled labels get seed cfg.seed + rank so that ranks draw
-    independent label streams (a single process keeps cfg unchanged)."""
-    if ctx.world_size <= 1 or ctx.rank == 0:
-        return cfg
-    return dataclasses.replace(cfg, seed=cfg.seed + ctx.rank)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,15 +243,16 @@ def collect_lm_stats_distributed(
     Every rank must pass the same `sequences` and `target_names` and a model with the same weights,
     placed on `ctx.device`. Keyword arguments go to `collect_lm_stats`; with `progress=True` the bar is
     shown on rank 0 only. A `stats=` argument (sequential editing, extension) is added to *after* the
-    reduction, so existing sums are not multiplied by the world size. See the module docstring for how sampled
-    labels compare with a single-process run.
+    reduction, so existing sums are not multiplied by the world size. Each sequence keeps its index in `sequences`
+    for its sampled labels, so the result is the single-process one for any number of ranks.
     """
     ctx = ctx if ctx is not None else DistContext()
     cfg = cfg if cfg is not None else CurvatureConfig()
     base: KFACStats | None = kw.pop("stats", None)
     progress = bool(kw.pop("progress", False)) and is_main(ctx)
-    local = collect_lm_stats(model, shard(sequences, ctx.rank, ctx.world_size), target_names,
-                             rank_config(cfg, ctx), progress=progress, **kw)
+    indices = shard(range(len(sequences)), ctx.rank, ctx.world_size)
+    local = collect_lm_stats(model, [sequences[i] for i in indices], target_names, cfg, progress=progress,
+                             indices=indices, **kw)
     all_reduce_stats(local, ctx)
     if base is None:
         return local

@@ -258,11 +258,16 @@ def build_corpus(tokenizer, source: str | os.PathLike | None = None, n_samples: 
 
     prefix, suffix = special_tokens_around(tokenizer)
     chunks: list[list[int]] = []
+    short = 0  # documents that give no chunk: fewer than min_chunk_tokens tokens
     for ids in _tokenize(tokenizer, part, progress):
-        chunks.extend(chunk_document(ids, max_length, prefix, suffix, min_chunk_tokens))
+        pieces = chunk_document(ids, max_length, prefix, suffix, min_chunk_tokens)
+        short += not pieces
+        chunks.extend(pieces)
     if n_samples is not None and len(chunks) < n_samples:
+        dropped = (f"; {short} of its {len(part)} documents were dropped as shorter than {min_chunk_tokens} "
+                   "tokens" if short else "")
         raise CrispEditError(f"corpus {label} has only {len(chunks)} chunks of ≤{max_length} tokens in split "
-                             f"{split!r}, {n_samples} asked")
+                             f"{split!r}, {n_samples} asked{dropped}")
     # Rank chunks by a seeded hash of their content: deterministic, and adding documents to the corpus
     # does not change the relative order of the chunks already there.
     order = sorted(range(len(chunks)), key=lambda i: _selection_key(seed, i, chunks[i]))

@@ -19,6 +19,9 @@ from crispedit.errors import CrispEditError, CrispEditWarning
 from crispedit.io import atomic_path, jsonl_records, sha256_json
 
 FORMATS = ("counterfact", "zsre", "wikibigedit", "crispedit")
+# Longest text accepted in one field of an edit request (characters): far beyond any context window, and
+# it stops a runaway line (a 50 MB field) before any tokenizer or model sees it.
+MAX_TEXT_CHARS = 100_000
 NQ_PREFIX = "nq question:"
 _CRISPEDIT_FIELDS = ("prompt", "target", "subject", "ground_truth", "rephrases", "locality", "case_id")
 
@@ -44,7 +47,14 @@ def _required_text(rec: dict, key: str) -> str:
         raise _RecordError(f"field {key!r} must be a string, got {type(value).__name__}")
     if not value.strip():
         raise _RecordError(f"field {key!r} is empty")
+    _check_length(key, value)
     return value
+
+
+def _check_length(key: str, value: str) -> None:
+    if len(value) > MAX_TEXT_CHARS:
+        raise _RecordError(f"field {key!r} has {len(value):,} characters; edit texts are at most "
+                           f"{MAX_TEXT_CHARS:,} (is the file one runaway line?)")
 
 
 def _optional_text(rec: dict, key: str) -> str | None:
@@ -66,6 +76,7 @@ def _text_list(rec: dict, key: str) -> tuple[str, ...]:
             where = f"{key!r}[{j}]" if isinstance(value, list) else repr(key)
             raise _RecordError(f"field {where} must be a string, got {type(item).__name__}")
         if item.strip():
+            _check_length(key, item)
             out.append(item)
     return tuple(out)
 
@@ -89,6 +100,8 @@ def _answer_list(rec: dict, key: str, n: int) -> list[str | None]:
             v = v[0] if v else None
         if v is not None and not isinstance(v, str):
             raise _RecordError(f"field {key!r}[{j}] must be a string, got {type(v).__name__}")
+        if v:
+            _check_length(key, v)
         out.append(v if v else None)
     return out
 
@@ -258,6 +271,19 @@ def detect_format(record: Any) -> str | None:
     return None
 
 
+def _missing_field(record: Any) -> tuple[str, str] | None:
+    """(data set, field) when a record has the other keys of a known format but lacks its defining one,
+    e.g. a CounterFact record without 'target_new' (rather than "cannot detect the format")."""
+    if not isinstance(record, dict):
+        return None
+    keys = set(record)
+    if "prompt" in keys and keys & {"ground_truth", "rephrase_prompt", "locality_prompt", "locality_ground_truth"}:
+        return "CounterFact", "target_new"
+    if "src" in keys and keys & {"answers", "rephrase", "loc", "loc_ans"}:
+        return "zsRE", "alt"
+    return None
+
+
 def _where(path: Path, index: int, lines: list[int] | None) -> str:
     return f"{path.name}: record {index}" + (f" (line {lines[index]})" if lines is not None else "")
 
@@ -280,6 +306,11 @@ def load_requests(path: str | os.PathLike, fmt: str = "auto", limit: int | None 
     if fmt == "auto":
         fmt = detect_format(records[0])
         if fmt is None:
+            missing = _missing_field(records[0])
+            if missing is not None:
+                like, field = missing
+                raise CrispEditError(f"{_where(path, 0, lines)}: field {field!r} is missing (the record looks like "
+                                     f"{like}: it has {', '.join(sorted(records[0]))})")
             keys = sorted(records[0]) if isinstance(records[0], dict) else type(records[0]).__name__
             raise CrispEditError(
                 f"{path.name}: cannot detect the format from the keys of record 0 ({keys}); "
@@ -335,3 +366,73 @@ def save_requests(path: str | os.PathLike, requests: Iterable[EditRequest]) -> N
 def requests_fingerprint(requests: Iterable[EditRequest]) -> str:
     """sha256 of the requests' canonical JSON: identifies an edit set in caches and reports."""
     return sha256_json([r.to_json() for r in requests])
+
+
+# ---------------------------------------------------------------------------------------------
+# checks that need the tokenizer (run before any compute)
+
+
+def _texts(req: EditRequest) -> list[tuple[str, str]]:
+    out = [("prompt", req.prompt), ("target", req.target)]
+    out += [(f"rephrases[{j}]", r) for j, r in enumerate(req.rephrases)]
+    for j, loc in enumerate(req.locality):
+        out.append((f"locality[{j}].prompt", loc.prompt))
+        if loc.answer:
+            out.append((f"locality[{j}].answer", loc.answer))
+    return out
+
+
+def control_tokens(tokenizer) -> list[str]:
+    """The texts a tokenizer turns into special (control) tokens: `<|im_end|>`, `</s>`, ..."""
+    specials = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    for tok in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+        if getattr(tok, "special", False):
+            specials.add(str(tok))
+    return sorted((t for t in specials if t and len(t) > 1), key=len, reverse=True)
+
+
+def check_control_tokens(tokenizer, requests: Sequence[EditRequest]) -> None:
+    """Refuse requests whose text contains a control token's spelling: the tokenizer would read `<|im_end|>`
+    in a prompt as the end-of-turn token itself, so the model would be trained on a token sequence no user
+    text can produce (and a chat-formatted edit would end its turn early)."""
+    specials = control_tokens(tokenizer)
+    if not specials:
+        return
+    for i, req in enumerate(requests):
+        for field, text in _texts(req):
+            hit = next((t for t in specials if t in text), None)
+            if hit is not None:
+                cid = f" (case_id {req.case_id})" if req.case_id is not None else ""
+                raise CrispEditError(f"edit request {i}{cid}: field {field!r} contains {hit!r}, the spelling of a "
+                                     "control token of this tokenizer; it would be read as that token, not as "
+                                     "text. Remove it from the edit data")
+
+
+def max_positions(model) -> int | None:
+    """The longest sequence the model's positions cover (None if its config does not say)."""
+    cfg = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        v = getattr(cfg, key, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def check_requests_fit(tokenizer, requests: Sequence[EditRequest], limit: int | None,
+                       contexts: Sequence[str] = ("raw",)) -> None:
+    """Every edit sequence (prompt + target + end token in each training context, as the editor builds it)
+    fits in `limit` positions; otherwise a one-line error naming the request, before any forward pass.
+    (Model-written prefixes, when asked for, come on top and are short.)"""
+    from crispedit.formatting import PromptFormat, encode_pair, has_chat_template
+
+    check_control_tokens(tokenizer, requests)
+    if limit is None:
+        return
+    fmts = [PromptFormat(context=str(c)) for c in contexts if str(c) != "chat" or has_chat_template(tokenizer)]
+    for i, req in enumerate(requests):
+        n = max((len(encode_pair(tokenizer, req.prompt, req.target, f, add_eos=True).input_ids) for f in fmts),
+                default=0)
+        if n > limit:
+            cid = f" (case_id {req.case_id})" if req.case_id is not None else ""
+            raise CrispEditError(f"edit request {i}{cid}: prompt and target are {n:,} tokens, longer than the "
+                                 f"model's context of {limit:,} positions; shorten it or drop it")

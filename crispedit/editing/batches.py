@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from crispedit.data.readers import check_control_tokens
 from crispedit.data.records import EditRequest
 from crispedit.editing.contexts import (
     TrainingSequence,
@@ -27,6 +28,7 @@ def prefix_pool_size(prefixes_per_request: int) -> int:
 def build_training(model, tokenizer, requests: Sequence[EditRequest], contexts: Sequence[str], prefixes: int,
                    seed: int) -> tuple[list[TrainingSequence], list[str]]:
     """The training sequences of `requests` and the prefixes they used (recorded with the edit)."""
+    check_control_tokens(tokenizer, requests)  # `<|im_end|>` in edit text must not become a control token
     if "chat" in contexts and not has_chat_template(tokenizer):
         raise CrispEditError("training context 'chat' needs a tokenizer with a chat template, and this one has "
                              "none; drop chat from the contexts")

@@ -5,6 +5,10 @@ weights, so the applied model equals the edited one bit for bit. Floating-point 
 addition exactly, so reverting computes cast(float32(W) − ΔW) and then restores the (few) entries where
 that differs from the base from a sparse fix-up list stored in the delta. Both directions check the weights'
 fingerprints first, so a delta is never applied to the wrong model or twice.
+
+The record holds the tensor file's size and sha256 and its own sha256 (`integrity`); loading checks them and
+that every target named in the record has its tensors with the recorded shape, so a truncated file, another
+delta's tensors or an edited target name are refused with the file named.
 """
 
 from __future__ import annotations
@@ -19,11 +23,11 @@ from torch import nn
 
 from crispedit import __version__
 from crispedit.errors import CrispEditError
-from crispedit.io import atomic_dir
+from crispedit.io import atomic_dir, recover_dir, sha256_file, sha256_json
 from crispedit.models.targets import target_weight
 
 DELTA_FORMAT = "crispedit-delta"
-DELTA_VERSION = 1
+DELTA_VERSION = 2  # 2: integrity (file size + sha256, record sha256); version 1 deltas still load
 TENSORS = "delta.safetensors"
 RECORD = "delta.json"
 
@@ -107,27 +111,81 @@ class EditDelta:
             idx, val = self.fixups[n]
             tensors[f"{n}.revert_index"] = idx.contiguous()
             tensors[f"{n}.revert_value"] = val.float().contiguous()
-        with atomic_dir(path, overwrite=overwrite) as tmp:
+        with atomic_dir(path, overwrite=overwrite, kind="delta") as tmp:
             save_file(tensors, str(tmp / TENSORS), metadata={"format": DELTA_FORMAT})
-            (tmp / RECORD).write_text(json.dumps(self.record, indent=2) + "\n")
+            record = {k: v for k, v in self.record.items() if k != "integrity"}
+            record["format_version"] = DELTA_VERSION
+            record["integrity"] = {"file": {"bytes": (tmp / TENSORS).stat().st_size,
+                                            "sha256": sha256_file(tmp / TENSORS)}}
+            record["integrity"]["record_sha256"] = _record_hash(record)
+            (tmp / RECORD).write_text(json.dumps(record, indent=2) + "\n")
         return Path(path)
 
     @classmethod
     def load(cls, path: str | Path) -> "EditDelta":
         path = Path(path)
+        recover_dir(path)
         rec = path / RECORD
         if not rec.is_file():
             raise CrispEditError(f"{path} is not a crispedit delta (no {RECORD})")
-        record = json.loads(rec.read_text())
-        if record.get("format") != DELTA_FORMAT:
-            raise CrispEditError(f"{rec}: field 'format' is {record.get('format')!r}, expected {DELTA_FORMAT!r}")
-        t = load_file(str(path / TENSORS))
+        try:
+            record = json.loads(rec.read_text())
+        except ValueError as e:
+            raise CrispEditError(f"{rec}: invalid JSON ({e})") from None
+        if not isinstance(record, dict) or record.get("format") != DELTA_FORMAT:
+            got = record.get("format") if isinstance(record, dict) else None
+            raise CrispEditError(f"{rec}: field 'format' is {got!r}, expected {DELTA_FORMAT!r}")
+        tensor_file = path / TENSORS
+        if not tensor_file.is_file():
+            raise CrispEditError(f"{tensor_file}: missing")
+        integ = record.get("integrity")
+        if record.get("format_version", 1) >= 2:
+            if not isinstance(integ, dict) or integ.get("record_sha256") != _record_hash(record):
+                raise CrispEditError(f"{rec}: the record was edited after the delta was written (its sha256 does "
+                                     "not match)")
+            want = integ.get("file", {})
+            size = tensor_file.stat().st_size
+            if size != want.get("bytes"):
+                raise CrispEditError(f"{tensor_file}: truncated or corrupt ({size} bytes, the record says "
+                                     f"{want.get('bytes')})")
+            if sha256_file(tensor_file) != want.get("sha256"):
+                raise CrispEditError(f"{tensor_file}: not the file this delta was written with (sha256 differs)")
+        try:
+            t = load_file(str(tensor_file))
+        except Exception as e:  # noqa: BLE001 - a damaged file is the user's problem, named
+            raise CrispEditError(f"{tensor_file}: truncated or corrupt ({str(e).splitlines()[0]})") from None
+        targets = record.get("targets")
+        if not isinstance(targets, list) or not targets:
+            raise CrispEditError(f"{rec}: field 'targets' must be a non-empty list")
         deltas, fixups = {}, {}
-        for item in record["targets"]:
-            n = item["name"]
-            deltas[n] = t[f"{n}.delta"]
+        for i, item in enumerate(targets):
+            n = item.get("name") if isinstance(item, dict) else None
+            if not isinstance(n, str):
+                raise CrispEditError(f"{rec}: targets[{i}] has no 'name'")
+            missing = [k for k in (f"{n}.delta", f"{n}.revert_index", f"{n}.revert_value") if k not in t]
+            if missing:
+                raise CrispEditError(f"{rec}: targets[{i}] names {n!r}, but {tensor_file.name} has no tensor "
+                                     f"{missing[0]!r}")
+            d = t[f"{n}.delta"]
+            if list(d.shape) != list(item.get("shape", [])) or d.dtype != torch.float32:
+                raise CrispEditError(f"{tensor_file}: {n}.delta is {str(d.dtype).replace('torch.', '')} "
+                                     f"{list(d.shape)}, the record says float32 {item.get('shape')}")
+            if not bool(torch.isfinite(d).all()):
+                raise CrispEditError(f"{tensor_file}: {n}.delta holds NaN or inf")
+            deltas[n] = d
             fixups[n] = (t[f"{n}.revert_index"], t[f"{n}.revert_value"])
+        extra = sorted({k.rsplit(".", 1)[0] for k in t} - set(deltas))
+        if extra:
+            raise CrispEditError(f"{tensor_file}: holds tensors of {extra[0]!r}, which {RECORD} does not list")
         return cls(deltas, fixups, record)
+
+
+def _record_hash(record: dict[str, Any]) -> str:
+    rec = dict(record)
+    integ = dict(rec.get("integrity") or {})
+    integ.pop("record_sha256", None)
+    rec["integrity"] = integ
+    return sha256_json(rec)
 
 
 def _has(model: nn.Module, name: str) -> bool:

@@ -57,11 +57,12 @@ def edit(model: nn.Module, tokenizer, requests: Sequence[EditRequest], targets: 
     """Edit `model` in place and return the delta (with its record). On NaN/inf the weights are restored.
     `base_fingerprint`: the targeted weights' fingerprint when the caller already knows it (not re-hashed)."""
     from crispedit.data.readers import requests_fingerprint
-    from crispedit.models.fingerprint import weights_fingerprint
+    from crispedit.models.fingerprint import check_untied, weights_fingerprint
 
     if not requests:
         raise CrispEditError("no edit requests given")
     targets = list(targets)
+    check_untied(model, targets)
     device = next(model.parameters()).device
     if projectors is None:
         projectors = build_projectors(curvature, cfg, device)

@@ -18,9 +18,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from crispedit.config import LAYERS_HELP, CorpusConfig, EditConfig, option
+from crispedit.data.readers import check_requests_fit, max_positions
 from crispedit.data.records import EditRequest
 from crispedit.errors import ConfigError, CrispEditError, OutputExistsError
-from crispedit.io import atomic_dir
+from crispedit.io import atomic_dir, check_apart_from_inputs, check_output_folder
+
+OUTPUT_KIND = "edit-output"
 
 if TYPE_CHECKING:
     from crispedit.curvature.api import Curvature
@@ -120,6 +123,20 @@ def edit_model(model, tokenizer, requests: Sequence[EditRequest], curvature: "Cu
                 base_fingerprint=fingerprint)
 
 
+def check_edit_output(out: str | Path, force: bool, inputs: Sequence[Any] = ()) -> None:
+    """The checks `run_edit` makes of its output folder, for callers that want them before loading a model."""
+    check_output_folder(out, force, OUTPUT_KIND, protected=inputs)
+
+
+def job_inputs(model, job: EditJob) -> list[str]:
+    """What an edit job reads and its output must never replace, contain or lie inside: the model's folder,
+    the curvature cache, the request file and the sequential state."""
+    from crispedit.models.loading import source_folders
+
+    src = (job.source or {}).get("path")
+    return [str(p) for p in source_folders(model)] + [p for p in (job.curvature_path, src, job.state_dir) if p]
+
+
 def run_edit(model, tokenizer, job: EditJob, out: str | Path, overwrite: bool = False,
              progress: bool = False) -> dict[str, Any]:
     """Run `job` on `model` (edited in place) and write the output folder `out` (see the module docstring).
@@ -139,10 +156,9 @@ def run_edit(model, tokenizer, job: EditJob, out: str | Path, overwrite: bool = 
     from crispedit.models.targets import resolve_targets
 
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise OutputExistsError(f"output folder {out} exists and is not empty", hint={"overwrite": True},
-                                hint_text="choose another, or pass {fix}")
+    check_output_folder(out, overwrite, OUTPUT_KIND, protected=job_inputs(model, job))
     _check_context(tokenizer, job.cfg)
+    check_requests_fit(tokenizer, job.requests, max_positions(model), job.cfg.contexts)
     t0 = time.perf_counter()
     curvature, fingerprint = None, None
     if job.curvature_path:
@@ -168,14 +184,18 @@ def run_edit(model, tokenizer, job: EditJob, out: str | Path, overwrite: bool = 
         if curvature is None:
             raise CrispEditError("sequential editing needs a curvature cache", hint={"curvature_path": ...})
         state = Path(job.state_dir or f"{out}.state")
+        from crispedit.models.loading import source_folders
+
+        check_apart_from_inputs(state, source_folders(model), "sequential state")
         if job.resume:
             ed = SequentialEditor.open(state, model)
         else:
             ed = SequentialEditor.create(state, model, curvature, job.cfg, edit_weight=job.edit_weight,
-                                         base_fingerprint=fingerprint)
+                                         base_fingerprint=fingerprint, chunk_size=job.chunk_size)
+        start = ed.remaining(job.requests, job.chunk_size)  # a resumed state continues after its last chunk
         results = []
         t_seq = time.perf_counter()
-        for i in range(0, len(job.requests), job.chunk_size):
+        for i in range(start, len(job.requests), job.chunk_size):
             results.append(ed.edit_chunk(model, tokenizer, job.requests[i : i + job.chunk_size], progress=progress))
         delta = ed.cumulative_delta(model)
         chunks_log = ed.state["chunks"]
@@ -214,7 +234,7 @@ def run_edit(model, tokenizer, job: EditJob, out: str | Path, overwrite: bool = 
         "kl_budget": budget,
         "seconds_edit": time.perf_counter() - t0,
     }
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out, overwrite=overwrite, kind=OUTPUT_KIND) as tmp:
         delta.save(tmp / DELTA_DIR)
         if job.save_model:
             save_model(model, tokenizer, tmp / MODEL_DIR)

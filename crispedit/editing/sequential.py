@@ -3,10 +3,15 @@ edit sequences (prompt + target + EOS, loss over the whole sequence as in the pa
 the accumulated capability statistics, so earlier edits become constraints for later ones.
 
 Everything needed to continue lives in one state folder — no earlier edit text is kept:
-    STATE/state.json            base fingerprint, targets, config, per-chunk log
-    STATE/curvature/            accumulated statistics (a regular curvature cache)
+    STATE/state.json            base fingerprint, targets, config, chunk size, per-chunk log, and the sha256
+                                of every request edited so far, in order
+    STATE/curvature/            accumulated statistics (a regular curvature cache, sink sums kept whole so
+                                that a resumed run re-decomposes exactly what an uninterrupted one does)
     STATE/weights.safetensors   the base and current target weights (float32 ΔW = current − base)
-The folder is rewritten atomically after every chunk, so an interrupted chunk leaves the previous state.
+The folder is replaced after every chunk by a crash-safe swap (crispedit.io), so a run killed at any moment
+leaves the state of the last finished chunk. `remaining` tells a resumed run which requests are not done
+yet: it continues from the first of them with the same chunk boundaries, seeds and statistics, so an
+interrupted and resumed run ends bit for bit where an uninterrupted one does.
 """
 
 from __future__ import annotations
@@ -29,11 +34,17 @@ from crispedit.editing.config import EditConfig
 from crispedit.editing.delta import EditDelta
 from crispedit.editing.engine import EditResult, edit
 from crispedit.errors import CrispEditError
-from crispedit.io import atomic_dir
+from crispedit.io import atomic_dir, recover_dir, sha256_json
 from crispedit.models.runtime import pad_id_of
 from crispedit.models.targets import target_weight
 
 STATE_FORMAT = "crispedit-sequential-state"
+STATE_VERSION = 2  # 2: done requests by content hash, chunk size
+
+
+def request_hash(request: EditRequest) -> str:
+    """Content hash of one request (its canonical JSON): identifies it across runs and files."""
+    return sha256_json(request.to_json())
 
 
 class SequentialEditor:
@@ -57,15 +68,36 @@ class SequentialEditor:
     def edit_weight(self) -> int:
         return int(self.state.get("edit_weight", 1))
 
+    @property
+    def done_requests(self) -> list[str]:
+        return list(self.state.get("done_requests", []))
+
+    def remaining(self, requests: Sequence[EditRequest], chunk_size: int | None = None) -> int:
+        """Index of the first request of `requests` this state has not edited. The edited ones must be the
+        first ones of `requests`, in order (same content), and the chunk size the state's."""
+        done = self.done_requests
+        hashes = [request_hash(r) for r in requests[: len(done)]]
+        if hashes != done:
+            first = next((i for i, (a, b) in enumerate(zip(hashes, done)) if a != b), len(hashes))
+            raise CrispEditError(f"{self.path}: this state has edited {len(done)} request(s), but request {first} of "
+                                 f"the {len(requests)} given differs from the one it edited (another file, or "
+                                 "the file changed); resume with the same requests, or start a new state")
+        want = self.state.get("chunk_size")
+        if chunk_size is not None and want is not None and int(want) != int(chunk_size):
+            raise CrispEditError(f"{self.path}: this state edits chunks of {want} requests, not {chunk_size}",
+                                 hint={"chunk_size": int(want)}, hint_text="resume with {fix}")
+        return len(done)
+
     @classmethod
     def create(cls, path: str | Path, model: nn.Module, curvature: Curvature, cfg: EditConfig,
                overwrite: bool = False, edit_weight: int = 1,
-               base_fingerprint: str | None = None) -> "SequentialEditor":
+               base_fingerprint: str | None = None, chunk_size: int | None = None) -> "SequentialEditor":
         """`edit_weight` counts each edit token that many times when a chunk's statistics are merged: a few
         hundred edit tokens against tens of thousands of capability tokens otherwise hold little curvature
         energy, and the γ threshold barely protects earlier edits. `base_fingerprint`: the model's targeted
         weights fingerprint when the caller has already checked the model against `curvature`."""
         path = Path(path)
+        recover_dir(path)
         if path.exists() and any(path.iterdir()) and not overwrite:
             raise CrispEditError(f"sequential state {path} already exists", hint={"resume": True},
                                  hint_text="continue it with {fix}, or choose another folder")
@@ -73,9 +105,10 @@ class SequentialEditor:
             base_fingerprint = curvature.check_model(model)["weights_sha256"]
         targets = curvature.targets
         base = {n: target_weight(model, n).detach().clone().cpu() for n in targets}
-        state = {"format": STATE_FORMAT, "format_version": 1, "targets": targets,
+        state = {"format": STATE_FORMAT, "format_version": STATE_VERSION, "targets": targets,
                  "base_weights_sha256": base_fingerprint, "config": cfg.to_json(),
-                 "chunks": [], "n_edits": 0, "edit_weight": int(edit_weight)}
+                 "chunk_size": chunk_size, "chunks": [], "n_edits": 0, "edit_weight": int(edit_weight),
+                 "done_requests": []}
         if int(edit_weight) != edit_weight or edit_weight < 1:
             raise CrispEditError(f"the edit statistics weight must be a positive integer, got {edit_weight}")
         ed = cls(path, curvature, base, state, current_fingerprint=base_fingerprint)
@@ -88,12 +121,20 @@ class SequentialEditor:
         from crispedit.models.fingerprint import weights_fingerprint
 
         path = Path(path)
+        recover_dir(path)
         sj = path / "state.json"
         if not sj.is_file():
-            raise CrispEditError(f"{path} is not a sequential editing state (no state.json)")
-        state = json.loads(sj.read_text())
+            what = "does not exist" if not path.exists() else "is not a sequential editing state (no state.json)"
+            raise CrispEditError(f"{path} {what}; start a new state without --resume")
+        try:
+            state = json.loads(sj.read_text())
+        except ValueError as e:
+            raise CrispEditError(f"{sj}: invalid JSON ({e})") from None
         if state.get("format") != STATE_FORMAT:
             raise CrispEditError(f"{sj}: field 'format' is {state.get('format')!r}, expected {STATE_FORMAT!r}")
+        if state.get("format_version") != STATE_VERSION or not isinstance(state.get("done_requests"), list):
+            raise CrispEditError(f"{sj}: written by an older crispedit (format version {state.get('format_version')}) "
+                                 "that did not record which requests are done; start a new state")
         targets = state["targets"]
         fp = weights_fingerprint(model, targets)
         if fp != state["base_weights_sha256"]:
@@ -137,6 +178,7 @@ class SequentialEditor:
                                      "requests_sha256": result.delta.record["requests_sha256"],
                                      "edit_tokens": sum(map(len, seqs)), "edit_weight": self.edit_weight})
         self.state["n_edits"] += len(requests)
+        self.state["done_requests"] = self.done_requests + [request_hash(r) for r in requests]
         self._save(model)
         return result
 
@@ -156,7 +198,7 @@ class SequentialEditor:
         for n in self.targets:
             tensors[f"{n}.base"] = self.base[n].contiguous()
             tensors[f"{n}.current"] = target_weight(model, n).detach().cpu().contiguous()
-        with atomic_dir(self.path, overwrite=True) as tmp:
-            self.curvature.save(tmp / "curvature")
+        with atomic_dir(self.path, overwrite=True, kind="sequential-state") as tmp:
+            self.curvature.save(tmp / "curvature", compact_sink=False)
             save_file(tensors, str(tmp / "weights.safetensors"))
             (tmp / "state.json").write_text(json.dumps(self.state, indent=2) + "\n")

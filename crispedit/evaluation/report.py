@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from crispedit.errors import CrispEditError
-from crispedit.io import atomic_path, write_json
+from crispedit.io import atomic_path, write_json, report_paths
 
 REPORT_FORMAT = "crispedit-eval-report"
 REPORT_VERSION = 1
@@ -164,8 +164,7 @@ def _versions() -> dict[str, str]:
 
 def write_report(report: EvalReport, out_path: str | os.PathLike) -> tuple[Path, Path]:
     """Write the JSON atomically and a Markdown summary beside it (same stem, .md); return both paths."""
-    out_path = Path(out_path)
-    md_path = out_path.with_suffix(".md")
+    out_path, md_path = report_paths(out_path)  # REPORT.md asked for: the JSON goes to REPORT.json
     write_json(out_path, report.to_json())
     with atomic_path(md_path) as tmp:
         tmp.write_text(report_markdown(report))

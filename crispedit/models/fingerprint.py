@@ -90,3 +90,38 @@ def weights_fingerprint(model: nn.Module, target_names: Sequence[str]) -> str:
             h.update(f"{name}.{kind}:{list(values.shape)}\n".encode())
             h.update(values.tobytes())
     return h.hexdigest()
+
+
+def all_weights_fingerprint(model: nn.Module) -> str:
+    """sha256 over every entry of the model's state dict (names, shapes and values; floating values as
+    float32 on the CPU, so the same weights hash the same on any device). K-FAC statistics depend on all
+    of them: A on the layers below a target, S and the sampled labels on the layers above it."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        t = t.detach()
+        values = t.to(device="cpu", dtype=torch.float32) if t.is_floating_point() else t.to("cpu")
+        h.update(f"{name}:{list(values.shape)}:{values.dtype}\n".encode())
+        h.update(values.contiguous().view(torch.uint8).numpy().tobytes() if values.numel() else b"")
+    return h.hexdigest()
+
+
+def tied_with(model: nn.Module, name: str) -> list[str]:
+    """Other parameters that share the weight of layer `name` (e.g. `model.embed_tokens.weight` for a tied
+    `lm_head`): an edit of `name` would change them as well."""
+    module = model.get_submodule(name)
+    w = getattr(module, "weight", None)
+    if w is None:
+        return []
+    ptr = w.data_ptr()
+    return [n for n, p in model.named_parameters(remove_duplicate=False)
+            if not n.startswith(f"{name}.") and (p is w or (p.numel() and p.data_ptr() == ptr))]
+
+
+def check_untied(model: nn.Module, targets: Sequence[str]) -> None:
+    """Refuse target layers whose weight is tied to another parameter (a tied LM head is the input
+    embedding: editing it silently changes how every input token is read)."""
+    for name in targets:
+        others = tied_with(model, name)
+        if others:
+            raise CrispEditError(f"target layer {name!r} shares its weight with {', '.join(others)} (tied "
+                                 "embeddings): editing it would change those too; choose other layers")

