@@ -20,6 +20,8 @@ COLUMNS = [
 
 
 def load(folder: Path) -> list[dict]:
+    if folder.is_file():  # a JSONL file, one run per line
+        return [json.loads(line) for line in folder.read_text().splitlines() if line.strip()]
     out = []
     for p in sorted(folder.glob("*.json")):
         try:
@@ -56,7 +58,7 @@ def table(rows: list[dict], data: str | None) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("folder")
+    p.add_argument("folder", help="a folder of run JSON files or a JSONL file")
     p.add_argument("--data", default=None)
     p.add_argument("--json", default=None, help="also write the rows' summaries as JSON")
     a = p.parse_args()

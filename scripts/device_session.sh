@@ -48,7 +48,7 @@ $PY -c "import torch, transformers; print('torch', torch.__version__, 'cuda', to
 # 1. CUDA paths through the CLI (bf16 weights, small sizes)
 stamp "phase 1: CLI on cuda/bf16"
 C=/tmp/cuda-check
-timeout ${CHECK_SECONDS:-50} bash -c "
+timeout ${CHECK_SECONDS:-45} bash -c "
   $PY -m crispedit curvature --model smollm2-135m-instruct --device $DEVICE --dtype bfloat16 \
     --samples 4 --max-length 64 --out $C/cache &&
   $PY -m crispedit edit --model smollm2-135m-instruct --device $DEVICE --dtype bfloat16 \
@@ -61,13 +61,13 @@ stamp "phase 1 rc=$?"
 # 2. curvature of every down-projection (for the grid's layer choices)
 stamp "phase 2: curvature of 30 layers on cuda"
 if [ -n "${CACHE_DIR:-}" ]; then ln -sfn "$CACHE_DIR" /tmp/cache-all; else
-timeout ${CACHE_SECONDS:-70} $PY -m crispedit curvature --model smollm2-135m-instruct --device $DEVICE \
+timeout ${CACHE_SECONDS:-100} $PY -m crispedit curvature --model smollm2-135m-instruct --device $DEVICE \
   --layers 'model.layers.{0-29}.mlp.down_proj' --samples $CURV_SAMPLES --out /tmp/cache-all; fi
 stamp "phase 2 rc=$?"
 
 # 3. the grid
 stamp "phase 3: grid"
-timeout ${GRID_SECONDS:-220} $PY scripts/wild_ablation.py --device $DEVICE --gen-batch 512 --cache /tmp/cache-all \
+timeout ${GRID_SECONDS:-190} $PY scripts/wild_ablation.py --device $DEVICE --gen-batch 512 --cache /tmp/cache-all \
   --runs "$GRID" --jsonl --out "$OUT/grid.jsonl" \
   --data "cf=$CF:$N" --data "zsre=$ZSRE:$N"
 stamp "phase 3 rc=$?"
@@ -89,6 +89,6 @@ stamp "phase 4b rc=$?"
 
 # 5. speed on cuda/bf16
 stamp "phase 5: bench_edit"
-timeout ${BENCH_SECONDS:-60} $PY benchmarks/bench_edit.py --curvature /tmp/cache-all --device $DEVICE --dtype bfloat16 \
+timeout ${BENCH_SECONDS:-55} $PY benchmarks/bench_edit.py --curvature /tmp/cache-all --device $DEVICE --dtype bfloat16 \
   --recipe /tmp/chosen.json --edits "$CF" --sizes $SIZES --out "$OUT/bench_edit_cuda_bf16.json"
 stamp "phase 5 rc=$? (end)"
