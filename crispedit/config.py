@@ -529,6 +529,10 @@ class EditConfig(ConfigBase):
                                            noun="training context")
     prefixes: int = option(0, "model-written prefixes per request (ROME's context templates) put before the raw "
                               "prompt", low=0)
+    anchors: int = option(0, "locality anchors per request and training context: the edit prompt with its subject "
+                             "swapped for another request's, trained to keep the base model's next-token "
+                             "distribution (top-k) after the prompt", low=0)
+    anchor_weight: float = option(1.0, "weight of the anchors' KL term in the edit loss", low=0.0)
     seed: int = option(0, "seed of the request order and the prefixes")
     cache_prefix: bool = option(True, "cache the hidden states below the first target (exact; faster)",
                                 off_help="run the whole forward at every step")

@@ -7,7 +7,7 @@
 # its results to $OUT as it goes:
 #   1. environment and CUDA checks: the CLI's curvature -> edit -> eval on cuda in bfloat16 (small sizes)
 #   2. the curvature of all 30 down-projections (float32 model, statistics in float64), for the grid
-#   3. the ablation grid (scripts/runs/gpu_grid.json) on 100 CounterFact + 100 zsRE dev edits, float32
+#   3. the ablation grid (scripts/grids/gpu_grid.json) on 100 CounterFact + 100 zsRE dev edits, float32
 #   4. the recipe chosen by scripts/select_recipe.py (a rule fixed before the grid ran), then the final runs with it
 #   4b. reliability against the KL budget ε (scripts/kl_budget_curve.py)
 #   5. bench_edit.py on cuda in bfloat16 (step times; whole edits of 100 / 1,000 / 3,000 facts)
@@ -20,7 +20,7 @@ N=${N:-100}
 N_FINAL=${N_FINAL:-1000}
 SIZES=${SIZES:-100,1000,3000}
 CURV_SAMPLES=${CURV_SAMPLES:-200}
-GRID=${GRID:-scripts/runs/gpu_grid.json}
+GRID=${GRID:-scripts/grids/gpu_grid.json}
 mkdir -p "$OUT"
 LOG="$OUT/log.txt"
 exec > >(tee -a "$LOG") 2>&1

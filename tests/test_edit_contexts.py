@@ -12,7 +12,7 @@ from crispedit.data.records import EditRequest, LocalityPrompt
 from crispedit.editing.batches import build_training, prefix_pool_size
 from crispedit.editing.config import EditConfig
 from crispedit.editing.contexts import drop_leaking_prefixes, generate_prefixes, training_sequences, with_prefix
-from crispedit.formatting import QA_CONTEXT, PromptFormat, encode_pair, resolve_contexts
+from crispedit.formatting import QA_CONTEXT, PromptFormat, encode_pair, encode_prompt, resolve_contexts
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
@@ -107,3 +107,71 @@ def test_resolve_contexts(byte_bpe_tokenizer, chat_tok):
         resolve_contexts(("chat",), byte_bpe_tokenizer)
     with pytest.raises(ValueError, match="unknown context 'wild'"):
         resolve_contexts(("wild",), chat_tok)
+
+
+SUBJECT_REQUESTS = [
+    EditRequest("The capital of France is", "Rome", subject="France", rephrases=("France's capital city is",)),
+    EditRequest("Danielle Darrieux speaks", "German", subject="Danielle Darrieux",
+                locality=(LocalityPrompt("Michel Rocard speaks", "French"),)),
+    EditRequest("The Eiffel Tower is in", "Berlin", subject="Eiffel Tower"),
+    EditRequest("Who wrote Hamlet?", "Goethe"),  # no subject: no anchors
+]
+
+
+def test_anchors_swap_the_subject_and_never_hit_a_test_prompt(chat_tok):
+    from crispedit.editing.contexts import anchor_prompts, swap_subject
+
+    assert swap_subject("The capital of France is", "France", "Spain") == "The capital of Spain is"
+    assert swap_subject("The capital of France is", "Italy", "Spain") is None
+    anchors = anchor_prompts(chat_tok, SUBJECT_REQUESTS, contexts=("raw", "qa"), per_request=2, seed=0)
+    assert {a.request for a in anchors} == {0, 1, 2}
+    for a in anchors:
+        r = SUBJECT_REQUESTS[a.request]
+        assert r.subject not in a.prompt and a.prompt != r.prompt
+        others = [s.subject for s in SUBJECT_REQUESTS if s.subject and s.subject != r.subject]
+        assert any(a.prompt == swap_subject(r.prompt, r.subject, o) for o in others)
+        assert list(a.prompt_ids) == encode_prompt(chat_tok, a.prompt, PromptFormat(a.context))
+    # "Michel Rocard speaks" is request 1's locality prompt: an anchor equal to it is dropped
+    reqs = [SUBJECT_REQUESTS[1], EditRequest("Michel Rocard is French", "x", subject="Michel Rocard")]
+    texts = {a.prompt for a in anchor_prompts(chat_tok, reqs, per_request=1)}
+    assert "Michel Rocard speaks" not in texts
+
+
+def test_anchor_kl_is_zero_at_the_base_and_holds_the_anchors_closer(byte_bpe_tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from crispedit.editing.contexts import anchor_prompts
+    from crispedit.editing.engine import AnchorKL, edit
+    from crispedit.editing.forward import EditForward
+    from crispedit.formatting import EncodedPair
+
+    tok = byte_bpe_tokenizer
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=96, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None,
+                      initializer_range=0.3)
+    targets = ["model.layers.1.mlp.down_proj", "model.layers.2.mlp.down_proj"]
+    reqs = SUBJECT_REQUESTS[:3]
+    anchors = anchor_prompts(tok, reqs, ("raw",), 2, 0)
+    pairs = [EncodedPair(list(a.prompt_ids), []) for a in anchors]
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).double().eval()
+    fwd = EditForward(model, targets, pairs, pad_id=tok.pad_token_id)
+    kl = AnchorKL(fwd, range(len(pairs)), torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert float(kl.step(len(pairs))) == pytest.approx(0.0, abs=1e-12)
+
+    def anchor_kl_after(n_anchors: int) -> float:
+        torch.manual_seed(0)
+        m = LlamaForCausalLM(cfg).double().eval()
+        ec = EditConfig(method="ft", lr=3e-2, epochs=15, batch_size=3, anchors=n_anchors, anchor_weight=3.0)
+        res = edit(m, tok, reqs, targets, ec, progress=False)
+        assert res.epoch_losses[-1] < 0.5 * res.epoch_losses[0]
+        f = EditForward(m, targets, pairs, pad_id=tok.pad_token_id)
+        k = AnchorKL.__new__(AnchorKL)
+        k.fwd, k.indices, k.top_ids, k.top_logp = f, list(range(len(pairs))), kl.top_ids, kl.top_logp
+        k.order, k.carry, k.gen = list(range(len(pairs))), 0.0, torch.Generator()
+        with torch.no_grad():
+            return float(k.step(len(pairs)))
+
+    assert anchor_kl_after(2) < 0.5 * anchor_kl_after(0)

@@ -23,7 +23,7 @@ def energy_rank(values_desc: torch.Tensor, fraction: float, total: float | None 
     """
     cum = torch.cumsum(values_desc, 0)
     total = float(values_desc.sum()) if total is None else total
-    return int(torch.searchsorted(cum, torch.tensor(fraction * total, dtype=cum.dtype)).item())
+    return int(torch.searchsorted(cum, torch.tensor(fraction * total, dtype=cum.dtype, device=cum.device)).item())
 
 
 def energy_cutoff_values(values: Sequence[torch.Tensor] | torch.Tensor, gamma: float,

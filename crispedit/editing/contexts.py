@@ -23,7 +23,7 @@ import torch
 
 from crispedit.data.records import EditRequest
 from crispedit.evaluation.text import normalize_answer
-from crispedit.formatting import EncodedPair, PromptFormat, encode_pair
+from crispedit.formatting import EncodedPair, PromptFormat, encode_pair, encode_prompt
 
 # ROME's openings for its context templates (Meng et al. 2022): generic starts that lead anywhere.
 PREFIX_OPENINGS = ("The", "Therefore", "Because", "I", "You")
@@ -108,4 +108,51 @@ def training_sequences(tokenizer, requests: Sequence[EditRequest], contexts: Seq
         for j in rng.sample(range(len(prefixes)), prefixes_per_request):
             pair = encode_pair(tokenizer, with_prefix(prefixes[j], r.prompt), r.target, PromptFormat("raw"))
             out.append(TrainingSequence(i, f"prefix:{j}", pair))
+    return out
+
+
+@dataclass(frozen=True)
+class Anchor:
+    """A prompt whose next-token distribution must stay the base model's: request `request`'s prompt with its
+    subject swapped for another request's, under `context`."""
+
+    request: int
+    context: str
+    prompt: str
+    prompt_ids: tuple[int, ...]
+
+
+def swap_subject(prompt: str, subject: str, other: str) -> str | None:
+    """`prompt` with the first occurrence of `subject` replaced by `other` (None when the subject is absent)."""
+    i = prompt.find(subject)
+    if not subject or i < 0:
+        return None
+    return prompt[:i] + other + prompt[i + len(subject):]
+
+
+def anchor_prompts(tokenizer, requests: Sequence[EditRequest], contexts: Sequence[str] = ("raw",), per_request: int = 1,
+                   seed: int = 0) -> list[Anchor]:
+    """Locality anchors: for each request with a subject found in its prompt, `per_request` prompts of the same
+    form about other requests' subjects (different subject text), under each context. They teach the edit to bind
+    to its subject: the same relation asked about someone else keeps the base model's answer. Anchors that are
+    an edit prompt, or contain a request's rephrase or locality prompt, are dropped (those are the test)."""
+    rng = random.Random(seed)
+    subjects = [r.subject for r in requests if r.subject]
+    forbidden = {normalize_answer(r.prompt) for r in requests}
+    held_out = {normalize_answer(q) for r in requests for q in r.rephrases}
+    held_out |= {normalize_answer(loc.prompt) for r in requests for loc in r.locality}
+    held_out.discard("")
+    out: list[Anchor] = []
+    for i, r in enumerate(requests):
+        if not r.subject or r.subject not in r.prompt:
+            continue
+        others = [s for s in dict.fromkeys(subjects) if s != r.subject and s not in r.subject and r.subject not in s]
+        for other in rng.sample(others, min(per_request, len(others))):
+            text = swap_subject(r.prompt, r.subject, other)
+            norm = normalize_answer(text)
+            if norm in forbidden or any(f" {h} " in f" {norm} " for h in held_out):
+                continue
+            for ctx in contexts:
+                ids = encode_prompt(tokenizer, text, PromptFormat(ctx))
+                out.append(Anchor(i, ctx, text, tuple(ids)))
     return out

@@ -17,8 +17,10 @@ from tqdm.auto import tqdm
 from crispedit.data.records import EditRequest
 from crispedit.config import PROJECTION_FOR_METHOD, EditConfig  # noqa: F401 - PROJECTION_FOR_METHOD re-exported
 from crispedit.editing.batches import build_training
+from crispedit.editing.contexts import anchor_prompts
 from crispedit.editing.delta import EditDelta, materialize
 from crispedit.editing.forward import EditForward, per_sequence_mean
+from crispedit.formatting import EncodedPair
 from crispedit.editing.lora import LoRAAdam
 from crispedit.editing.optim import ProjectedAdam
 from crispedit.errors import CrispEditError, DivergenceError
@@ -82,8 +84,11 @@ def edit(model: nn.Module, tokenizer, requests: Sequence[EditRequest], targets: 
     owner = [s.request for s in seqs]
     lengths = [len(s.pair.input_ids) for s in seqs]
     gen = torch.Generator().manual_seed(cfg.seed)
-    fwd = EditForward(model, targets, [s.pair for s in seqs], pad_id, cache_prefix=cfg.cache_prefix,
+    anchors = anchor_prompts(tokenizer, requests, cfg.contexts, cfg.anchors, cfg.seed) if cfg.anchors else []
+    pairs = [s.pair for s in seqs] + [EncodedPair(list(a.prompt_ids), []) for a in anchors]
+    fwd = EditForward(model, targets, pairs, pad_id, cache_prefix=cfg.cache_prefix,
                       logits_at_targets=cfg.target_logits)
+    anchor_kl = AnchorKL(fwd, range(len(seqs), len(pairs)), gen) if anchors else None
 
     params = {n: m.weight for n, m in modules.items()}
     frozen = frozen_parameters(model, trainable=params.values())  # only the target weights are trained
@@ -92,6 +97,7 @@ def edit(model: nn.Module, tokenizer, requests: Sequence[EditRequest], targets: 
     step_seconds: list[float] = []
     epoch_losses: list[float] = []
     request_losses: list[list[float]] = []
+    anchor_losses: list[float] = []
     stopped, step = "epochs", 0
     t0 = time.perf_counter()
     model.eval()  # no dropout: the edit loss is deterministic
@@ -105,9 +111,14 @@ def edit(model: nn.Module, tokenizer, requests: Sequence[EditRequest], targets: 
                 ts = time.perf_counter()
                 nll, rows = fwd.token_nll(idx)
                 if cfg.loss_reduction == "sequence":  # each sequence counts once, whatever its target length
-                    loss = per_sequence_mean(nll, rows, len(idx)).mean()
+                    edit_loss = per_sequence_mean(nll, rows, len(idx)).mean()
                 else:
-                    loss = nll.mean()
+                    edit_loss = nll.mean()
+                loss = edit_loss
+                if anchor_kl is not None:
+                    kl = anchor_kl.step(len(idx) * len(anchors) / len(seqs))
+                    anchor_losses.append(float(kl.detach()))
+                    loss = loss + cfg.anchor_weight * kl
                 step += 1
                 if not torch.isfinite(loss):
                     raise DivergenceError(f"step {step}: the edit loss is {float(loss)}")
@@ -119,7 +130,7 @@ def edit(model: nn.Module, tokenizer, requests: Sequence[EditRequest], targets: 
                         if not torch.isfinite(deltas[n]).all():
                             raise DivergenceError(f"step {step}: the update of {n} is not finite")
                         weight_matrix(modules[n]).copy_(materialize(base[n], deltas[n]))
-                lv = float(loss.detach())
+                lv = float(edit_loss.detach())
                 step_seconds.append(time.perf_counter() - ts)
                 step_losses.append(lv)
                 batch_losses.append((lv, len(idx)))
@@ -163,6 +174,7 @@ def edit(model: nn.Module, tokenizer, requests: Sequence[EditRequest], targets: 
         forward=fwd.describe(),
         training_sequences=len(seqs),
         prefixes=prefixes,
+        anchors={"n": len(anchors), "kl_per_step": anchor_losses} if anchors else None,
     )
     delta = EditDelta.from_base(model, base, deltas, rec)
     diag = diagnostics(delta.deltas, curvature, cfg)
@@ -171,6 +183,52 @@ def edit(model: nn.Module, tokenizer, requests: Sequence[EditRequest], targets: 
                 epoch_losses[-1] if epoch_losses else math.nan, seconds)
     return EditResult(delta, step_losses, epoch_losses, request_losses, step_seconds, step, len(epoch_losses),
                       stopped, seconds, diag)
+
+
+class AnchorKL:
+    """The anchors' term: mean over a batch of anchors of the KL divergence, base ‖ edited, of the first answer
+    token's distribution coarsened to the base model's top-k tokens plus one "any other token" outcome (the base's
+    top-k recorded before editing; exact KL of the coarsened distributions, so zero at the base weights and never
+    negative). Each call takes the next anchors of a shuffled cycle: every anchor is used about once per epoch."""
+
+    TOP_K = 32
+
+    def __init__(self, fwd: EditForward, indices, gen: torch.Generator, batch_size: int = 64):
+        self.fwd, self.indices, self.gen = fwd, list(indices), gen
+        ids, logp = [], []
+        with torch.no_grad():
+            for s in range(0, len(self.indices), batch_size):
+                lp = torch.log_softmax(fwd.last_logits(self.indices[s:s + batch_size]).double(), -1)
+                top = torch.topk(lp, min(self.TOP_K, lp.shape[-1]), dim=-1)
+                ids.append(top.indices)
+                logp.append(_with_rest(top.values))
+        self.top_ids = torch.cat(ids)  # [n_anchors, k]
+        self.top_logp = torch.cat(logp)  # [n_anchors, k + 1]: log p_base of the top-k tokens, then of the rest
+        self.order: list[int] = []
+        self.carry = 0.0
+
+    def step(self, share: float) -> torch.Tensor:
+        """The KL term over the next ⌈share⌉ anchors (share carried over between steps)."""
+        self.carry += share
+        n = max(1, int(self.carry))
+        self.carry -= n
+        take = []
+        while len(take) < n:
+            if not self.order:
+                self.order = torch.randperm(len(self.indices), generator=self.gen).tolist()
+            take.append(self.order.pop())
+        take = take[: len(self.indices)]
+        logp = torch.log_softmax(self.fwd.last_logits([self.indices[k] for k in take]).double(), -1)
+        rows = torch.tensor(take, device=logp.device)
+        ids, ref = self.top_ids[rows].to(logp.device), self.top_logp[rows].to(logp.device)
+        mine = _with_rest(logp.gather(-1, ids))
+        return (ref.exp() * (ref - mine)).sum(-1).mean().float()
+
+
+def _with_rest(top_logp: torch.Tensor) -> torch.Tensor:
+    """[..., k] log-probabilities of k tokens → [..., k + 1] with the log-probability of all other tokens."""
+    rest = torch.log1p(-top_logp.exp().sum(-1, keepdim=True).clamp(max=1 - 1e-12))
+    return torch.cat([top_logp, rest], -1)
 
 
 def epoch_batches(lengths: Sequence[int], batch_size: int, gen: torch.Generator, window: int = 0) -> list[list[int]]:

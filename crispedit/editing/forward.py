@@ -169,6 +169,24 @@ class EditForward:
         nll = nn.functional.cross_entropy(logits.float(), tgt, reduction="none")
         return nll, rows
 
+    def last_logits(self, idx: Sequence[int]) -> torch.Tensor:
+        """Next-token logits after the last token of each sequence `idx` (a prompt whose answer is to come),
+        [B, vocab] in float32; same shortcuts as `token_nll`."""
+        pairs = [self.pairs[i] for i in idx]
+        batch = {k: v.to(self.device) for k, v in collate([p.input_ids for p in pairs], self.pad_id).items()}
+        last = torch.tensor([len(p.input_ids) - 1 for p in pairs], device=self.device)
+        rows = torch.arange(len(pairs), device=self.device)
+        with self._prefix_hidden(idx, batch["input_ids"].shape[1]):
+            if self.logits_at_targets:
+                base = getattr(self.model, "base_model", self.model)
+                hidden = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                              use_cache=False).last_hidden_state
+                logits = self.head(hidden[rows, last])
+            else:
+                logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                    use_cache=False).logits[rows, last]
+        return logits.float()
+
     # ------------------------------------------------------------------ frozen prefix
     def _layers(self) -> nn.ModuleList:
         return self.model.get_submodule(self.stack.path)
