@@ -523,11 +523,12 @@ class EditConfig(ConfigBase):
     early_stop_loss: float = option(0.01, "stop when an epoch's mean edit loss is below this", low=0.0,
                                     low_open=True)
     max_steps: int | None = option(None, "stop after this many steps", low=1)
-    contexts: tuple[Context, ...] = option((Context.RAW,), "training contexts: each edit is trained under each of "
-                                           "raw, qa (the WILD QA context), chat (the chat template) (comma list)",
-                                           choices=("raw", "qa", "chat"), const_flags={"--chat-template": ("chat",)},
-                                           noun="training context")
-    prefixes: int = option(0, "model-written prefixes per request (ROME's context templates) put before the raw "
+    contexts: tuple[Context, ...] = option((Context.AUTO,), "training contexts: each edit is trained under each of "
+                                           "raw, qa (the WILD QA context), chat (the chat template); auto = qa, chat "
+                                           "(when the tokenizer has a chat template) and raw (comma list)",
+                                           choices=("raw", "qa", "chat", "auto"),
+                                           const_flags={"--chat-template": ("chat",)}, noun="training context")
+    prefixes: int = option(2, "model-written prefixes per request (ROME's context templates) put before the raw "
                               "prompt", low=0)
     anchors: int = option(0, "locality anchors per request and training context: the edit prompt with its subject "
                              "swapped for another request's, trained to keep the base model's next-token "

@@ -413,7 +413,7 @@ def test_embedded_smollm2_conversion(home, monkeypatch):
     cfg = model.config
     assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size) == (30, 576, 49152)
     assert not hasattr(cfg, "quantization_config")
-    assert resolve_targets(model) == [f"model.layers.{i}.mlp.down_proj" for i in (10, 11, 12)]
+    assert resolve_targets(model) == [f"model.layers.{i}.mlp.down_proj" for i in (4, 5, 6)]
     assert model_identity(model)["num_parameters"] == 134_515_008
 
     # The fp32 copy computes exactly what the GGUF-loaded model computes, with the same tokens.

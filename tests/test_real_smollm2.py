@@ -36,7 +36,7 @@ def test_cli_curvature_edit_eval_end_to_end(tmp_path):
     assert run_cli(["curvature", "--model", "smollm2-135m-instruct", "--samples", "6", "--max-length", "48",
                     "--out", str(cache)]) == 0
     rec = json.loads((cache / "curvature.json").read_text())
-    assert [t["name"] for t in rec["targets"]] == [f"model.layers.{i}.mlp.down_proj" for i in (10, 11, 12)]
+    assert [t["name"] for t in rec["targets"]] == [f"model.layers.{i}.mlp.down_proj" for i in (4, 5, 6)]
     assert run_cli(["edit", "--model", "smollm2-135m-instruct", "--edits", str(COUNTERFACT), "--limit", "3",
                     "--curvature", str(cache), "--method", "crispedit", "--epochs", "2", "--out", str(out)]) == 0
     assert (out / "delta" / "delta.json").is_file() and (out / "model" / "config.json").is_file()

@@ -179,8 +179,8 @@ def test_empty_spec_is_an_error(llama):
 
 # ------------------------------------------------------------------ defaults
 
-@pytest.mark.parametrize("layers, expected", [(30, [10, 11, 12]), (12, [4, 5, 6]), (24, [8, 9, 10]),
-                                              (32, [11, 12, 13]), (3, [0, 1, 2]), (2, [0, 1]), (1, [0])])
+@pytest.mark.parametrize("layers, expected", [(30, [4, 5, 6]), (12, [2, 3, 4]), (24, [3, 4, 5]),
+                                              (28, [4, 5, 6]), (32, [4, 5, 6]), (3, [0, 1, 2]), (2, [0, 1]), (1, [0])])
 def test_default_layer_indices(layers, expected):
     assert default_layer_indices(layers) == expected
 
@@ -188,12 +188,12 @@ def test_default_layer_indices(layers, expected):
 def test_default_targets_llama_30_layers():
     model = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=8, num_hidden_layers=30,
                                          num_attention_heads=2, num_key_value_heads=1))
-    assert resolve_targets(model) == [f"model.layers.{i}.mlp.down_proj" for i in (10, 11, 12)]
+    assert resolve_targets(model) == [f"model.layers.{i}.mlp.down_proj" for i in (4, 5, 6)]
 
 
 def test_default_targets_gpt2_mlp_c_proj():
     model = tiny_gpt2(layers=6)
-    assert resolve_targets(model) == [f"transformer.h.{i}.mlp.c_proj" for i in (2, 3, 4)]
+    assert resolve_targets(model) == [f"transformer.h.{i}.mlp.c_proj" for i in (1, 2, 3)]
     assert all(isinstance(model.get_submodule(n), Conv1D) for n in resolve_targets(model))
 
 

@@ -423,12 +423,13 @@ def check_requests_fit(tokenizer, requests: Sequence[EditRequest], limit: int | 
     """Every edit sequence (prompt + target + end token in each training context, as the editor builds it)
     fits in `limit` positions; otherwise a one-line error naming the request, before any forward pass.
     (Model-written prefixes, when asked for, come on top and are short.)"""
-    from crispedit.formatting import PromptFormat, encode_pair, has_chat_template
+    from crispedit.formatting import PromptFormat, encode_pair, has_chat_template, resolve_contexts
 
     check_control_tokens(tokenizer, requests)
     if limit is None:
         return
-    fmts = [PromptFormat(context=str(c)) for c in contexts if str(c) != "chat" or has_chat_template(tokenizer)]
+    names = [str(c) for c in contexts if str(c) != "chat" or has_chat_template(tokenizer)]
+    fmts = [PromptFormat(context=c) for c in resolve_contexts(names, tokenizer)]
     for i, req in enumerate(requests):
         n = max((len(encode_pair(tokenizer, req.prompt, req.target, f, add_eos=True).input_ids) for f in fmts),
                 default=0)

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from crispedit.data.records import EditRequest
 from crispedit.config import PROJECTION_FOR_METHOD, EditConfig  # noqa: F401 - PROJECTION_FOR_METHOD re-exported
-from crispedit.editing.batches import build_training
+from crispedit.editing.batches import build_training, training_contexts
 from crispedit.editing.contexts import anchor_prompts
 from crispedit.editing.delta import EditDelta, materialize
 from crispedit.editing.forward import EditForward, per_sequence_mean
@@ -80,11 +80,12 @@ def edit(model: nn.Module, tokenizer, requests: Sequence[EditRequest], targets: 
     else:
         opt = ProjectedAdam(shapes, projectors, lr=cfg.lr, mode=cfg.projection_mode, device=device)
     pad_id = pad_id_of(tokenizer)
-    seqs, prefixes = build_training(model, tokenizer, requests, cfg.contexts, cfg.prefixes, cfg.seed)
+    contexts = training_contexts(tokenizer, cfg.contexts)
+    seqs, prefixes = build_training(model, tokenizer, requests, contexts, cfg.prefixes, cfg.seed)
     owner = [s.request for s in seqs]
     lengths = [len(s.pair.input_ids) for s in seqs]
     gen = torch.Generator().manual_seed(cfg.seed)
-    anchors = anchor_prompts(tokenizer, requests, cfg.contexts, cfg.anchors, cfg.seed) if cfg.anchors else []
+    anchors = anchor_prompts(tokenizer, requests, contexts, cfg.anchors, cfg.seed) if cfg.anchors else []
     pairs = [s.pair for s in seqs] + [EncodedPair(list(a.prompt_ids), []) for a in anchors]
     fwd = EditForward(model, targets, pairs, pad_id, cache_prefix=cfg.cache_prefix,
                       logits_at_targets=cfg.target_logits)
@@ -172,6 +173,7 @@ def edit(model: nn.Module, tokenizer, requests: Sequence[EditRequest], targets: 
         stopped=stopped,
         seconds=seconds,
         forward=fwd.describe(),
+        training_contexts=list(contexts),
         training_sequences=len(seqs),
         prefixes=prefixes,
         anchors={"n": len(anchors), "kl_per_step": anchor_losses} if anchors else None,

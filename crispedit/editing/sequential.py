@@ -159,7 +159,8 @@ class SequentialEditor:
                       record={"chunk": k}, base_fingerprint=self._current_fp)
         self._current_fp = result.delta.record["edited_weights_sha256"]
         prefixes = result.delta.record.get("prefixes") or []
-        seqs = [s.pair.input_ids for s in training_sequences(tokenizer, requests, cfg.contexts, prefixes,
+        contexts = result.delta.record.get("training_contexts") or list(cfg.contexts)
+        seqs = [s.pair.input_ids for s in training_sequences(tokenizer, requests, contexts, prefixes,
                                                                  min(cfg.prefixes, len(prefixes)), cfg.seed)]
         base_cfg = self.curvature.config
         ccfg = dataclasses.replace(base_cfg, seed=base_cfg.seed + 7919 * (k + 1))

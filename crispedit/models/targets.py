@@ -142,14 +142,18 @@ def list_linear_layers(model: nn.Module) -> list[LayerInfo]:
 
 
 def default_layer_indices(num_layers: int, count: int = DEFAULT_LAYER_COUNT) -> list[int]:
-    """`count` consecutive layers starting at round(L/3): early-middle layers, where MLPs store facts.
+    """`count` consecutive layers starting at round(L · 2/15): early layers, where the subject's representation is
+    built. Measured on SmolLM2 (30 layers; README, "the edit recipe"): edits at layers 4-6 carry over to rephrased
+    questions far better than at 10-12 or 16-18 (generated, QA context: CounterFact 0.51 against 0.17 and 0.13,
+    zsRE 0.89 against 0.50 and 0.64) at a similar capability cost. The same rule gives Qwen-2.5's 28 layers the
+    paper's 4-6.
 
-    30 layers -> 10, 11, 12; 12 -> 4, 5, 6; 2 -> 0, 1 (never past the last layer).
+    30 layers -> 4, 5, 6; 28 -> 4, 5, 6; 12 -> 2, 3, 4; 2 -> 0, 1 (never past the last layer).
     """
     if num_layers <= 0:
         return []
     count = min(count, num_layers)
-    start = min(round(num_layers / 3), num_layers - count)
+    start = min(round(num_layers * 2 / 15), num_layers - count)
     return list(range(start, start + count))
 
 
