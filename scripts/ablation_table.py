@@ -1,6 +1,8 @@
 """Markdown tables of `scripts/wild_ablation.py` results: one row per run, the generated metrics first.
 
-    python scripts/ablation_table.py runs/ablate [--data cf] [--json out.json]
+    python scripts/ablation_table.py runs/ablate [more folders or JSONL files] [--data cf] [--json out.json]
+
+Rows are sorted by data set, then in the order they were found (a run name repeated later replaces the earlier).
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ COLUMNS = [
     ("reliability_gen_chat_contains", "rel chat ∋"), ("reliability_gen_raw", "rel raw"),
     ("generalization_gen_qa_contains", "gen QA ∋"), ("generalization_gen_chat_contains", "gen chat ∋"),
     ("generalization_gen_raw_contains", "gen raw ∋"),
-    ("locality_gen_qa_first_token", "loc QA 1st"), ("locality_gen_raw_first_token", "loc raw 1st"),
+    ("locality_gen_qa_first_token", "loc QA 1st"), ("locality_gen_chat_first_token", "loc chat 1st"),
+    ("locality_gen_raw_first_token", "loc raw 1st"),
     ("locality_gen_qa", "loc QA all"), ("perplexity_increase_pct", "Δppl %"), ("kl_nats_per_token", "KL"),
 ]
 
@@ -58,11 +61,15 @@ def table(rows: list[dict], data: str | None) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("folder", help="a folder of run JSON files or a JSONL file")
+    p.add_argument("folder", nargs="+", help="folders of run JSON files or JSONL files")
     p.add_argument("--data", default=None)
     p.add_argument("--json", default=None, help="also write the rows' summaries as JSON")
     a = p.parse_args()
-    rows = load(Path(a.folder))
+    found: dict = {}
+    for f in a.folder:
+        for r in load(Path(f)):
+            found[(r["data"], r["run"]["name"])] = r
+    rows = sorted(found.values(), key=lambda r: r["data"])
     print(table(rows, a.data))
     if a.json:
         slim = [{"run": r["run"], "data": r["data"], "n": r["n"], "summary": r["summary"], "steps": r.get("steps"),

@@ -13,7 +13,9 @@ and restarted.
 
 A run is a JSON object: {"name": ..., "layers": "model.layers.{10-12}.mlp.down_proj" (default: the model type's
 defaults), "method": ..., any other EditConfig field (gamma, lr, epochs, contexts, prefixes, max_kl, ...)}; method
-"none" evaluates the base model itself.
+"none" evaluates the base model itself. A run with "sequential": true edits in chunks of "chunk_size" (default 100)
+with CrispEdit-Seq ("edit_weight" as `crispedit edit --sequential`); its record adds the reliability of each chunk,
+measured after the last one.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-NOT_CONFIG = ("name", "layers", "note", "sequential", "chunk_size")
+NOT_CONFIG = ("name", "layers", "note", "sequential", "chunk_size", "edit_weight")
 
 
 def parse_args():
@@ -81,6 +83,43 @@ class Results:
                 json.dumps(record, indent=1) + "\n")
 
 
+def edit_sequentially(model, tok, requests, targets, cfg, curvature, chunk_size: int, edit_weight: int):
+    """CrispEdit-Seq over `requests` in chunks, in a temporary state folder; returns (a result-like summary, the
+    cumulative delta, the per-chunk log)."""
+    import tempfile
+    from types import SimpleNamespace
+
+    from crispedit.editing.sequential import SequentialEditor
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ed = SequentialEditor.create(Path(tmp) / "state", model, curvature, cfg, edit_weight=edit_weight,
+                                     chunk_size=chunk_size)
+        results = [ed.edit_chunk(model, tok, requests[i:i + chunk_size])
+                   for i in range(0, len(requests), chunk_size)]
+        delta = ed.cumulative_delta(model)
+        log = ed.state["chunks"]
+    res = SimpleNamespace(steps=sum(r.steps for r in results), stopped=[r.stopped for r in results],
+                          epoch_losses=results[-1].epoch_losses)
+    return res, delta, log
+
+
+def chunk_reliability(per_request: list, chunk_log: list) -> list:
+    """Generated reliability (each context's scorer as in the summary: exact for qa/raw, contains for chat) of
+    each chunk's requests, after the last chunk."""
+    out, i = [], 0
+    for c in chunk_log:
+        rows = per_request[i:i + c["n_edits"]]
+        i += c["n_edits"]
+        entry = dict(c)
+        for ctx, key, name in (("qa", "exact_match", "qa"), ("chat", "contains_match", "chat_contains"),
+                               ("raw", "exact_match", "raw")):
+            vals = [r["reliability"]["generated"][ctx][key] for r in rows if ctx in r["reliability"]["generated"]]
+            if vals:
+                entry[f"reliability_gen_{name}"] = sum(vals) / len(vals)
+        out.append(entry)
+    return out
+
+
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
@@ -120,8 +159,10 @@ def main() -> None:
             if results.has(run["name"], dname):
                 continue
             method = run.get("method", "crispedit")
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
-            res, budget, delta, targets = None, None, None, None
+            res, budget, delta, targets, chunk_log = None, None, None, None, None
             fields = {k: v for k, v in run.items() if k not in NOT_CONFIG}
             if method in ("memit", "alphaedit", "ultraedit", "mend"):
                 from crispedit.baselines import config_class, run_baseline
@@ -131,6 +172,12 @@ def main() -> None:
                 bcfg = config_class(method)(**{k: v for k, v in fields.items() if k != "method"})
                 delta = run_baseline(method, model, tok, requests, cur, bcfg, targets=targets)
                 targets = delta.targets
+            elif run.get("sequential"):
+                cfg = EditConfig(**fields)
+                targets = resolve_targets(model, run.get("layers"))
+                res, delta, chunk_log = edit_sequentially(
+                    model, tok, requests, targets, cfg, full.select(targets, model),  # fingerprint of the subset
+                    int(run.get("chunk_size", 100)), int(run.get("edit_weight", 1)))
             elif method != "none":
                 cfg = EditConfig(**fields)
                 targets = resolve_targets(model, run.get("layers"))
@@ -159,7 +206,10 @@ def main() -> None:
                       "training_sequences": delta.record.get("training_sequences") if delta else None,
                       "forward": delta.record.get("forward") if delta else None,
                       "diagnostics": delta.record.get("diagnostics") if delta else None,
-                      "device": args.device, "dtype": args.dtype}
+                      "device": args.device, "dtype": args.dtype,
+                      "peak_cuda_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else None}
+            if chunk_log is not None:
+                record["chunks"] = chunk_reliability(em["per_request"], chunk_log)
             if not args.slim:
                 record["per_request"] = em["per_request"]
             results.add(record)
