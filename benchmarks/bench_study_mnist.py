@@ -90,7 +90,9 @@ def main() -> None:
         rec = sum(r["recomputes"] for p in res["points"] if p["method"] == m for r in p["runs"])
         print(f"fine-tune {m:<21} {s:8.1f} s  ({n} runs, {rec} projector recomputations, "
               f"{t['recompute_s_by_method'][m]:.1f} s of them)")
-    print(f"sweep (parallel part) {t['sweep_s']:.1f} s")
+    print(f"sweep (parallel part) {t['sweep_s']:.1f} s wall; CPU s per worker "
+          f"{', '.join(f'{c:.0f}' for c in t['sweep_cpu_s_by_worker'])} (total {t['sweep_cpu_s_total']:.0f}): "
+          f"on idle cores ≈ {t['sweep_cpu_s_by_worker'][0] + t['pretrain_s'] + t['features_s']:.0f} s in all")
     verdict = "within" if wall <= args.budget_s else "OVER"
     print(f"TOTAL WALL TIME {wall:.1f} s ({wall / 60:.1f} min) — {verdict} the {args.budget_s / 60:.0f}-minute budget")
 

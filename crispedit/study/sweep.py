@@ -210,8 +210,9 @@ _QUEUE = None
 
 
 def _run_task(method: str, seed: int, ctx: _Context, report=None) -> dict:
-    """All runs of one (method, seed): the θ0 decomposition (shared by every γ), then one run per k."""
-    t0 = time.perf_counter()
+    """All runs of one (method, seed): the θ0 decomposition (shared by every γ), then one run per k.
+    Also records the task's CPU time (this process, one thread): the time it would take on an idle core."""
+    t0, c0 = time.perf_counter(), time.process_time()
     cfg = ctx.cfg
     curv = ctx.feats.curvature_sample(cfg.curvature_size, seed)
     basis, basis_info = None, None
@@ -228,7 +229,7 @@ def _run_task(method: str, seed: int, ctx: _Context, report=None) -> dict:
         if report is not None:
             report(rec)
     return {"method": method, "seed": seed, "runs": runs, "basis_at_theta0": basis_info,
-            "seconds": time.perf_counter() - t0}
+            "seconds": time.perf_counter() - t0, "cpu_s": time.process_time() - c0, "pid": os.getpid()}
 
 
 def _worker_init(ctx: _Context, q) -> None:
@@ -378,6 +379,9 @@ def run_study(out_dir: str | os.PathLike, quick: bool = False, progress: bool = 
     t_sweep = time.perf_counter()
     results = run_tasks(_Context(cfg, head, feats), threads, progress)
     sweep_s = time.perf_counter() - t_sweep
+    cpu_by_worker: dict[int, float] = {}
+    for res in results:
+        cpu_by_worker[res["pid"]] = cpu_by_worker.get(res["pid"], 0.0) + res["cpu_s"]
     runs = [r for res in results for r in res["runs"]]
     d = sum(p.numel() for p in tuned_params(head))
     finetune_s: dict[str, float] = {}
@@ -414,9 +418,15 @@ def run_study(out_dir: str | os.PathLike, quick: bool = False, progress: bool = 
             "pretrain_train_s": prep["pretrain"].get("seconds"),
             "features_s": prep["features_s"],
             "sweep_s": sweep_s,
+            "sweep_cpu_s_by_worker": sorted(cpu_by_worker.values(), reverse=True),
+            "sweep_cpu_s_total": sum(cpu_by_worker.values()),
+            "cpu_note": "CPU seconds of each worker process (one thread each): on idle cores the parallel part "
+                        "would take about the largest of them (the same tasks per worker) and at best "
+                        "total / workers (perfect balance)",
             "basis_at_theta0": {f"{res['method']}/seed{res['seed']}": res["basis_at_theta0"] for res in results
                                 if res["basis_at_theta0"] is not None},
             "task_s": {f"{res['method']}/seed{res['seed']}": res["seconds"] for res in results},
+            "task_cpu_s": {f"{res['method']}/seed{res['seed']}": res["cpu_s"] for res in results},
             "finetune_s_by_method": finetune_s,
             "recompute_s_by_method": recompute_s,
             "total_s": time.perf_counter() - t_start,
