@@ -189,3 +189,46 @@ def test_frontier_is_per_seed_and_paired():
     assert diff["0.98"]["n"] == 1 and diff["0.98"]["mean"] == pytest.approx(0.05)
     table = frontier_table(res, (0.95, 0.98))
     assert "60.0 ± 14.1" in table and "55.0 ± 0.0 (1/2)" in table
+
+
+def _synthetic_context(methods=("ggn", "kfac", "ft"), seeds=(0, 1)):
+    """A tiny head on random ReLU features (no data files needed) for the task runner."""
+    from dataclasses import replace
+
+    from crispedit.study.sweep import Features, FinetuneConfig, StudyConfig, _Context
+
+    g = torch.Generator().manual_seed(0)
+
+    def split(n):
+        return torch.relu(torch.randn(n, 120, generator=g)), torch.randint(0, 10, (n,), generator=g)
+
+    feats = Features(*split(300), *split(256), *split(100), *split(100))
+    torch.manual_seed(0)
+    cfg = StudyConfig(finetune=FinetuneConfig(epochs=3, batch_size=64, lr=0.3, drift=0.02), ks=(1.0,), methods=methods,
+                      seeds=seeds, curvature_size=200)
+    return _Context(replace(cfg), Head(6), feats)
+
+
+def test_checkpoint_resumes_finished_tasks_and_ignores_other_configs(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from crispedit.study import sweep
+
+    ctx = _synthetic_context()
+    ck = tmp_path / "ck.jsonl"
+    first = sweep.run_tasks(ctx, 1, progress=False, checkpoint=ck)
+    assert len(ck.read_text().splitlines()) == 6 and not any(r.get("from_checkpoint") for r in first)
+    assert sum(r["recomputes"] for res in first for r in res["runs"]) > 0
+
+    def boom(*a, **k):
+        raise AssertionError("a finished task ran again")
+
+    monkeypatch.setattr(sweep, "_run_task", boom)
+    again = sweep.run_tasks(ctx, 1, progress=False, checkpoint=ck)
+    assert all(r["from_checkpoint"] for r in again)
+    assert [r["runs"] for r in again] == [r["runs"] for r in first]
+    other = sweep._Context(replace(ctx.cfg, ks=(2.0,)), ctx.head, ctx.feats)  # another config: nothing reused
+    assert sweep._load_checkpoint(ck, sweep.fingerprint(other.cfg)) == {}
+    with open(ck, "a") as f:  # a line cut short by an interruption is skipped
+        f.write('{"fingerprint": "')
+    assert len(sweep._load_checkpoint(ck, sweep.fingerprint(ctx.cfg))) == 6

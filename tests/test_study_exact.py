@@ -275,3 +275,33 @@ def test_tridiagonal_route_equals_full_eigh(kind, small_case):
     assert kept_only.first > 0  # at k = 7 the kept side is the narrower one here ...
     with pytest.raises(ValueError, match="neither"):  # ... and it cannot serve a small γ
         kept_only.vectors(0.5)
+
+
+def test_tridiagonal_falls_back_when_mrrr_fails(small_case, monkeypatch):
+    """A failed MRRR end (dstemr info ≠ 0, as happened once on the zero-curvature cluster) falls back to the
+    other end, then to a full eigh; the subspace is the same either way."""
+    head, x, y = small_case
+    M = HeadCurvature("ggn", head, x, y).dense()
+    dense = dense_top(M)
+    gamma = 1 - 1e-7
+    r = dense.n_removed(gamma)
+    orig = Tridiagonal.eigenvectors
+
+    def kept_end_fails(self, lo, hi):
+        if lo == 0:
+            raise FloatingPointError("dstemr failed (info=22)")
+        return orig(self, lo, hi)
+
+    monkeypatch.setattr(Tridiagonal, "eigenvectors", kept_end_fails)
+    spec = tridiagonal_partial(M, (gamma,))
+    V, removed, r2 = spec.vectors(gamma)
+    assert removed and r2 == r and spec.solver == "tridiagonal"
+    assert subspace_distance(V, dense.U[:, :r]) < 1e-6
+
+    def always_fails(self, lo, hi):
+        raise FloatingPointError("dstemr failed (info=22)")
+
+    monkeypatch.setattr(Tridiagonal, "eigenvectors", always_fails)
+    spec = tridiagonal_partial(M, (gamma,))
+    assert spec.solver.startswith("dense eigh") and spec.n_removed(gamma) == r
+    assert subspace_distance(spec.vectors(gamma)[0], dense.U[:, r:] if r > 900 - r else dense.U[:, :r]) < 1e-6

@@ -112,7 +112,7 @@ class Tridiagonal:
         from scipy.linalg import lapack
 
         self._lapack = lapack
-        a = np.asfortranarray(M.double().numpy())
+        a = np.array(M.double().numpy(), order="F", copy=True)  # dsytrd overwrites it
         self.n = a.shape[0]
         lwork = int(lapack.dsytrd_lwork(self.n, lower=1)[0])
         c, self.d, self.e, self.tau, info = lapack.dsytrd(a, lower=1, lwork=max(lwork, 1), overwrite_a=1)
@@ -143,25 +143,41 @@ class Tridiagonal:
         return torch.from_numpy(w.copy()), Z
 
 
+def _orthonormal(V: torch.Tensor, probes: int = 4, tol: float = 1e-8) -> bool:
+    """‖V w‖ = ‖w‖ for random w: a cheap check that MRRR's eigenvectors are orthonormal (O(n·c) per probe)."""
+    if V.shape[1] == 0:
+        return True
+    W = torch.randn(V.shape[1], probes, dtype=V.dtype, generator=torch.Generator().manual_seed(0))
+    return bool(((V @ W).norm(dim=0) / W.norm(dim=0) - 1.0).abs().max() <= tol)
+
+
 def tridiagonal_partial(M: torch.Tensor, gammas: tuple[float, ...]) -> Spectrum:
     """All eigenvalues of M and the eigenvectors that the γs need: the top r(max γ) ones, or — for a
-    single γ — the n − r kept ones when those are fewer."""
+    single γ — the n − r kept ones when those are fewer. MRRR can fail on a tight cluster (the kept end
+    holds the exactly degenerate zero-curvature directions, e.g. the softmax's logit shifts), so a failed
+    or non-orthonormal end falls back to the other end, then to a full eigh."""
     tri = Tridiagonal(M)
     n = tri.n
     lam_all = tri.eigenvalues().flip(0)
     total = float(lam_all.clamp_min(0.0).sum())
     lam = lam_all.clamp_min(0.0)
-    rs = [removed_count(lam, total, g) for g in gammas]
-    r = max(rs)
-    if len(gammas) == 1 and n - r < r:  # kept side: descending indices r..n−1 = ascending 0..n−r−1
-        w, V = tri.eigenvectors(0, n - r)
-        first = r
-    else:  # removed side: descending 0..r−1 = ascending n−r..n−1
-        w, V = tri.eigenvectors(n - r, n) if r > 0 else (torch.empty(0, dtype=torch.float64),
-                                                         torch.empty(n, 0, dtype=torch.float64))
-        first = 0
     neg = lam_all[lam_all < 0]
-    return Spectrum(lam, V.flip(1), total, True, first, "tridiagonal", int(neg.numel()), float(-neg.sum()))
+    r = max(removed_count(lam, total, g) for g in gammas)
+    if len(gammas) > 1:  # only the top end serves several γ
+        ends = ["removed"]
+    else:  # the narrower end first
+        ends = ["kept", "removed"] if n - r < r else ["removed", "kept"]
+    for end in ends:
+        lo, hi, first = (n - r, n, 0) if end == "removed" else (0, n - r, r)
+        try:
+            V = tri.eigenvectors(lo, hi)[1] if hi > lo else torch.empty(n, 0, dtype=torch.float64)
+        except FloatingPointError:
+            continue
+        if _orthonormal(V):
+            return Spectrum(lam, V.flip(1), total, True, first, "tridiagonal", int(neg.numel()), float(-neg.sum()))
+    spec = dense_top(M)
+    spec.solver = "dense eigh (MRRR failed)"
+    return spec
 
 
 def lanczos_top(matmat: Callable[[torch.Tensor], torch.Tensor], n: int, m: int, total: float,

@@ -11,12 +11,16 @@ crispedit.study.curvatures.exact_basis). The decomposition at θ0 does not depen
 once per (method, seed) and serves every γ.
 
 Runs are grouped in tasks, one per (method, seed); `workers` processes (one thread each) run the tasks in
-parallel. Results do not depend on the number of workers.
+parallel. Results do not depend on the number of workers. Finished tasks are appended to a checkpoint
+file in the output folder (removed once the JSON is written), so an interrupted sweep resumes where it
+stopped as long as neither its configuration nor the study / curvature code changed.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import math
 import os
 import platform
@@ -257,10 +261,42 @@ def _task_order(cfg: StudyConfig) -> list[tuple[str, int]]:
     return sorted(tasks, key=lambda t: (weight.get(t[0], 2), cfg.methods.index(t[0]), t[1]))
 
 
-def run_tasks(ctx: _Context, workers: int, progress: bool) -> list[dict]:
+def fingerprint(cfg: StudyConfig) -> str:
+    """Hash of the configuration and of the code that computes a run (crispedit/study, crispedit/curvature):
+    a checkpointed task is reused only when both are unchanged."""
+    h = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True, default=str).encode())
+    root = Path(__file__).resolve().parent
+    for path in sorted(root.glob("*.py")) + sorted((root.parent / "curvature").glob("*.py")):
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _load_checkpoint(path: Path | None, fp: str) -> dict[tuple[str, int], dict]:
+    done: dict[tuple[str, int], dict] = {}
+    if path is None or not path.is_file():
+        return done
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by an interruption
+            continue
+        if rec.get("fingerprint") == fp:
+            done[(rec["result"]["method"], int(rec["result"]["seed"]))] = {**rec["result"], "from_checkpoint": True}
+    return done
+
+
+def run_tasks(ctx: _Context, workers: int, progress: bool, checkpoint: Path | None = None) -> list[dict]:
+    """Run every (method, seed) task, `workers` at a time. checkpoint: a JSON-lines file where each finished
+    task is appended (with the `fingerprint` of config and code); tasks found there are not run again."""
     tasks = _task_order(ctx.cfg)
-    n_runs = sum(len(ctx.cfg.ks) if m != "ft" else 1 for m, _ in tasks)
+    fp = fingerprint(ctx.cfg)
+    done = _load_checkpoint(checkpoint, fp)
+    todo = [t for t in tasks if t not in done]
+    n_runs = sum(len(ctx.cfg.ks) if m != "ft" else 1 for m, _ in todo)
     bar = tqdm(total=n_runs, desc=f"MNIST→Fashion sweep (h={ctx.head.fc2.out_features})", disable=not progress)
+    if progress and done:
+        tqdm.write(f"reusing {len(done)} finished tasks from {checkpoint}")
 
     def show(rec: dict) -> None:
         bar.update(1)
@@ -269,31 +305,42 @@ def run_tasks(ctx: _Context, workers: int, progress: bool) -> list[dict]:
                        f"fashion {rec['fashion_acc']:.4f} kept {rec['kept_fraction']:.3f} "
                        f"recomputes {rec['recomputes']} ({rec['seconds']:.1f}s)")
 
-    try:
-        if workers <= 1:
-            return [_run_task(m, s, ctx, report=show) for m, s in tasks]
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
+    def record(res: dict) -> None:
+        done[(res["method"], res["seed"])] = res
+        if checkpoint is not None:
+            checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            with open(checkpoint, "a") as f:
+                f.write(json.dumps({"fingerprint": fp, "result": res}) + "\n")
 
-        mctx = mp.get_context("spawn")
-        q = mctx.Queue()
-        with ProcessPoolExecutor(max_workers=workers, mp_context=mctx, initializer=_worker_init,
-                                 initargs=(ctx, q)) as pool:
-            futs = [pool.submit(_worker_task, m, s) for m, s in tasks]
-            while not all(f.done() for f in futs):
+    try:
+        if workers <= 1 or not todo:
+            for m, s in todo:
+                record(_run_task(m, s, ctx, report=show))
+        else:
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor
+
+            mctx = mp.get_context("spawn")
+            q = mctx.Queue()
+            with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=mctx,
+                                     initializer=_worker_init, initargs=(ctx, q)) as pool:
+                pending = {pool.submit(_worker_task, m, s) for m, s in todo}
+                while pending:
+                    try:
+                        show(q.get(timeout=0.5))
+                    except queue_mod.Empty:
+                        pass
+                    for f in [f for f in pending if f.done()]:
+                        pending.discard(f)
+                        record(f.result())  # re-raises a worker's error (finished tasks are kept)
+            while True:
                 try:
-                    show(q.get(timeout=0.5))
+                    show(q.get_nowait())
                 except queue_mod.Empty:
-                    pass
-            results = [f.result() for f in futs]  # re-raises a worker's error
-        while True:
-            try:
-                show(q.get_nowait())
-            except queue_mod.Empty:
-                break
-        return results
+                    break
     finally:
         bar.close()
+    return [done[t] for t in tasks]
 
 
 # ------------------------------------------------------------------------------------------ aggregation
@@ -377,7 +424,8 @@ def run_study(out_dir: str | os.PathLike, quick: bool = False, progress: bool = 
     pre = {"mnist_acc": head_accuracy(head, feats.mnist_test_x, feats.mnist_test_y),
            "fashion_acc": head_accuracy(head, feats.fashion_test_x, feats.fashion_test_y)}
     t_sweep = time.perf_counter()
-    results = run_tasks(_Context(cfg, head, feats), threads, progress)
+    checkpoint = out / f".{json_name(cfg.pretrain.hidden)}.partial.jsonl"
+    results = run_tasks(_Context(cfg, head, feats), threads, progress, checkpoint)
     sweep_s = time.perf_counter() - t_sweep
     cpu_by_worker: dict[int, float] = {}
     for res in results:
@@ -420,6 +468,7 @@ def run_study(out_dir: str | os.PathLike, quick: bool = False, progress: bool = 
             "sweep_s": sweep_s,
             "sweep_cpu_s_by_worker": sorted(cpu_by_worker.values(), reverse=True),
             "sweep_cpu_s_total": sum(cpu_by_worker.values()),
+            "tasks_from_checkpoint": sum(bool(res.get("from_checkpoint")) for res in results),
             "cpu_note": "CPU seconds of each worker process (one thread each): on idle cores the parallel part "
                         "would take about the largest of them (the same tasks per worker) and at best "
                         "total / workers (perfect balance)",
@@ -443,6 +492,7 @@ def run_study(out_dir: str | os.PathLike, quick: bool = False, progress: bool = 
     result["summary"] = {"best_fashion_acc_at_mnist_acc": frontier(result),
                          "paired_frontier_differences": paired_differences(result)}
     write_json(out / json_name(cfg.pretrain.hidden), result)
+    checkpoint.unlink(missing_ok=True)
     if plot:
         from crispedit.study.report import plot_study, sibling_results
 
