@@ -232,3 +232,18 @@ def test_checkpoint_resumes_finished_tasks_and_ignores_other_configs(tmp_path, m
     with open(ck, "a") as f:  # a line cut short by an interruption is skipped
         f.write('{"fingerprint": "')
     assert len(sweep._load_checkpoint(ck, sweep.fingerprint(ctx.cfg))) == 6
+
+
+def test_interpolated_frontier_reads_the_curve_between_grid_points():
+    """A seed whose grid point lands just under t still gets the value where its curve crosses t."""
+    from crispedit.study.report import frontier
+
+    def pt(k, m, f):
+        return {"method": "kfac", "k": k, "runs": [{"seed": 0, "mnist_acc": m, "fashion_acc": f}]}
+
+    res = {"points": [pt(1.0, 0.90, 0.70), pt(2.0, 0.968, 0.66), pt(3.0, 0.988, 0.30)]}
+    grid = frontier(res, (0.97,))["kfac"]["0.97"]
+    inter = frontier(res, (0.97,), interpolate=True)["kfac"]["0.97"]
+    assert grid["mean"] == pytest.approx(0.30)
+    assert inter["mean"] == pytest.approx(0.66 + (0.97 - 0.968) / (0.988 - 0.968) * (0.30 - 0.66))  # 0.624
+    assert frontier(res, (0.99,), interpolate=True)["kfac"]["0.99"]["seeds_reaching"] == 0

@@ -487,10 +487,9 @@ def run_study(out_dir: str | os.PathLike, quick: bool = False, progress: bool = 
             "torch": torch.__version__,
         },
     }
-    from crispedit.study.report import frontier, paired_differences
+    from crispedit.study.report import summarise
 
-    result["summary"] = {"best_fashion_acc_at_mnist_acc": frontier(result),
-                         "paired_frontier_differences": paired_differences(result)}
+    result["summary"] = summarise(result)
     write_json(out / json_name(cfg.pretrain.hidden), result)
     checkpoint.unlink(missing_ok=True)
     if plot:
