@@ -195,6 +195,7 @@ def _synthetic_context(methods=("ggn", "kfac", "ft"), seeds=(0, 1)):
     """A tiny head on random ReLU features (no data files needed) for the task runner."""
     from dataclasses import replace
 
+    from crispedit.study.lenet import Head
     from crispedit.study.sweep import Features, FinetuneConfig, StudyConfig, _Context
 
     g = torch.Generator().manual_seed(0)
