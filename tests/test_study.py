@@ -1,10 +1,12 @@
 """MNIST → Fashion-MNIST study: curvature oracles (curvlinops) on tiny MLPs, and a reduced sweep.
 
-The EK-FAC unit tests (crispedit/curvature/ekfac.py) are in test_curvature_ekfac.py."""
+The EK-FAC unit tests (crispedit/curvature/ekfac.py) are in test_curvature_ekfac.py, the exact GGN /
+Hessian of the head and the partial eigensolvers in test_study_exact.py."""
 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -12,7 +14,7 @@ from torch import nn
 
 from conftest import head_blocks, tiny_data, tiny_head
 from crispedit.errors import CrispEditError
-from crispedit.study.curvatures import DenseBasis, compute_basis, exact_matrix, kfac_stats
+from crispedit.study.curvatures import exact_matrix, kfac_stats
 
 curvlinops = pytest.importorskip("curvlinops")
 
@@ -54,22 +56,6 @@ def test_last_layer_hessian_block_equals_ggn_block_and_hidden_block_differs():
     torch.testing.assert_close(H, Hd, rtol=1e-9, atol=1e-12)
 
 
-def test_dense_projector_removes_gamma_energy_and_is_orthogonal():
-    head = tiny_head(9)
-    x, y = tiny_data(25, seed=10)
-    basis = compute_basis("hessian", head, x, y)
-    assert isinstance(basis, DenseBasis)
-    d = basis.U.shape[0]
-    for gamma in (0.5, 0.99, 1 - 1e-7):
-        proj = basis.projector(gamma)
-        P = torch.stack([torch.cat([t.reshape(-1) for t in proj([c[: head.fc2.weight.numel()].reshape(head.fc2.weight.shape),
-                                                               c[head.fc2.weight.numel():].reshape(head.fc3.weight.shape)])])
-                         for c in torch.eye(d, dtype=torch.float32)], dim=1).double()
-        torch.testing.assert_close(P, P.T, atol=1e-5, rtol=0)
-        torch.testing.assert_close(P @ P, P, atol=1e-5, rtol=0)
-        r = proj.U_removed.shape[1]
-        assert basis.lam[:r].sum() >= gamma * basis.lam.sum() > basis.lam[: r - 1].sum()
-
 
 # ------------------------------------------------------------------------------------------ data + sweep
 
@@ -101,49 +87,164 @@ def quick_result(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("study")
     res = run_study(out, quick=True, progress=False, cache_dir=out / "cache", data=d, threads=1)
-    return out, res
+    return out, res, d
 
 
 def test_quick_sweep_schema_and_files(quick_result):
-    from crispedit.study.sweep import METHODS, QUICK_KS
+    """Every (method, k) point lists its seeds, mean / std / min / max of each metric and the per-seed runs;
+    the JSON is named after the head size and the figure is a PNG."""
+    from crispedit.study.sweep import METHODS, QUICK_KS, json_name
 
-    out, res = quick_result
-    on_disk = json.loads((out / "study_mnist.json").read_text())
+    out, res, _ = quick_result
+    assert res["hidden"] == 8
+    on_disk = json.loads((out / json_name(8)).read_text())
     assert on_disk["points"] == json.loads(json.dumps(res["points"]))
     assert (out / "study_mnist.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert set(res) >= {"points", "config", "timing"}
+    assert set(res) >= {"hidden", "points", "config", "timing", "summary"}
     pts = res["points"]
     assert {p["method"] for p in pts} == set(METHODS)
     assert len(pts) == 5 * len(QUICK_KS) + 1
     for p in pts:
-        assert set(p) >= {"method", "gamma", "k", "mnist_acc", "fashion_acc", "kept_fraction", "recomputes"}
-        assert 0.0 <= p["mnist_acc"] <= 1.0 and 0.0 <= p["fashion_acc"] <= 1.0
+        assert p["seeds"] == [0, 1] and [r["seed"] for r in p["runs"]] == [0, 1]
+        for key in ("mnist_acc", "fashion_acc", "kept_fraction", "recomputes"):
+            st, vals = p[key], [r[key] for r in p["runs"]]
+            assert set(st) == {"mean", "std", "min", "max"}
+            assert st["mean"] == pytest.approx(sum(vals) / 2) and st["min"] == min(vals) and st["max"] == max(vals)
+            assert st["std"] == pytest.approx(abs(vals[0] - vals[1]) / math.sqrt(2))
+        for r in p["runs"]:
+            assert 0.0 <= r["mnist_acc"] <= 1.0 and 0.0 <= r["fashion_acc"] <= 1.0
         if p["method"] == "ft":
-            assert p["gamma"] is None and p["k"] is None and p["kept_fraction"] == 1.0
+            assert p["gamma"] is None and p["k"] is None and p["kept_fraction"]["mean"] == 1.0
         else:
             assert p["gamma"] == pytest.approx(1 - 10 ** (-p["k"]))
-            assert 0.0 < p["kept_fraction"] < 1.0
-    assert res["timing"]["total_s"] > 0
+            assert 0.0 < p["kept_fraction"]["min"] <= p["kept_fraction"]["max"] < 1.0
+    # the two seeds differ (batch order and curvature sample), so the spread is real
+    assert any(p["fashion_acc"]["std"] > 0 for p in pts)
+    fr = res["summary"]["best_fashion_acc_at_mnist_acc"]
+    assert set(fr) == set(METHODS) and set(fr["kfac"]["0.95"]) >= {"by_seed", "seeds_reaching", "seeds"}
+    assert res["timing"]["total_s"] > 0 and res["timing"]["workers"] == 1
 
 
 def test_quick_sweep_accuracies_are_sane(quick_result):
     """FT learns Fashion and forgets MNIST; every projected method's most conservative point (largest γ)
     keeps MNIST clearly better than FT, K-FAC / EK-FAC there hardly move it at all; the kept fraction
-    shrinks as γ grows."""
-    _, res = quick_result
+    shrinks as γ grows (every seed)."""
+    _, res, _ = quick_result
     pre = res["reference"]["pretrained"]
     assert pre["mnist_acc"] > 0.85 and pre["fashion_acc"] < 0.35
     ft = next(p for p in res["points"] if p["method"] == "ft")
-    assert ft["fashion_acc"] > pre["fashion_acc"] + 0.3
-    assert ft["mnist_acc"] < pre["mnist_acc"] - 0.3
+    assert ft["fashion_acc"]["min"] > pre["fashion_acc"] + 0.3
+    assert ft["mnist_acc"]["max"] < pre["mnist_acc"] - 0.3
     kmax = max(p["k"] for p in res["points"] if p["k"] is not None)
     for m in ("hessian", "ggn", "kfac", "ekfac", "activation-covariance"):
         pts = sorted((p for p in res["points"] if p["method"] == m), key=lambda p: p["k"])
-        kept = [p["kept_fraction"] for p in pts]
-        assert kept == sorted(kept, reverse=True), (m, kept)
+        for i in range(2):
+            kept = [p["runs"][i]["kept_fraction"] for p in pts]
+            assert kept == sorted(kept, reverse=True), (m, kept)
         top = pts[-1]
         assert top["k"] == kmax
-        assert top["mnist_acc"] > ft["mnist_acc"] + 0.1, (m, top, ft)
+        assert top["mnist_acc"]["min"] > ft["mnist_acc"]["max"] + 0.1, (m, top, ft)
         if m in ("kfac", "ekfac"):
-            assert top["mnist_acc"] > pre["mnist_acc"] - 0.02, (m, top, pre)
-    assert sum(p["recomputes"] for p in res["points"]) > 0  # the drift rule was exercised
+            assert top["mnist_acc"]["min"] > pre["mnist_acc"] - 0.02, (m, top, pre)
+    assert sum(r["recomputes"] for p in res["points"] for r in p["runs"]) > 0  # the drift rule was exercised
+
+
+def test_parallel_workers_give_the_same_runs(quick_result, tmp_path):
+    """Two worker processes produce exactly the runs of the in-process sweep (results do not depend on the
+    scheduling), here for one exact and one Kronecker method."""
+    from dataclasses import replace
+
+    from crispedit.study.sweep import quick_config, run_study
+
+    out, res, d = quick_result
+    cfg = replace(quick_config(), methods=("ggn", "kfac", "ft"), ks=(2.0,))
+    par = run_study(tmp_path, config=cfg, progress=False, cache_dir=out / "cache", data=d, threads=2, plot=False)
+    assert par["timing"]["workers"] == 2
+
+    def strip(p):
+        return [{k: v for k, v in r.items() if "seconds" not in k} for r in p["runs"]]
+
+    ref = {(p["method"], p["k"]): strip(p) for p in res["points"]}
+    for p in par["points"]:
+        assert strip(p) == ref[(p["method"], p["k"])], p["method"]
+
+
+def test_frontier_is_per_seed_and_paired():
+    from crispedit.study.report import frontier, frontier_table, paired_differences
+
+    def run(seed, m, f):
+        return {"seed": seed, "mnist_acc": m, "fashion_acc": f}
+
+    pts = [{"method": "ggn", "k": 1.0, "runs": [run(0, 0.99, 0.50), run(1, 0.96, 0.70)]},
+           {"method": "ggn", "k": 2.0, "runs": [run(0, 0.995, 0.40), run(1, 0.985, 0.60)]},
+           {"method": "kfac", "k": 1.0, "runs": [run(0, 0.97, 0.45), run(1, 0.99, 0.55)]}]
+    res = {"points": pts}
+    fr = frontier(res, (0.95, 0.98))
+    assert fr["ggn"]["0.95"]["by_seed"] == {"0": 0.50, "1": 0.70}
+    assert fr["ggn"]["0.98"]["by_seed"] == {"0": 0.50, "1": 0.60}
+    assert fr["ggn"]["0.95"]["mean"] == pytest.approx(0.60) and fr["ggn"]["0.95"]["std"] == pytest.approx(0.1 * math.sqrt(2))
+    assert fr["kfac"]["0.98"]["by_seed"] == {"0": None, "1": 0.55} and fr["kfac"]["0.98"]["seeds_reaching"] == 1
+    diff = paired_differences(res, (0.95, 0.98), pairs=(("ggn", "kfac"),))["ggn - kfac"]
+    assert diff["0.95"]["n"] == 2 and diff["0.95"]["mean"] == pytest.approx(0.10) and diff["0.95"]["a_ahead"] == 2
+    assert diff["0.98"]["n"] == 1 and diff["0.98"]["mean"] == pytest.approx(0.05)
+    table = frontier_table(res, (0.95, 0.98))
+    assert "60.0 ± 14.1" in table and "55.0 ± 0.0 (1/2)" in table
+
+
+def _synthetic_context(methods=("ggn", "kfac", "ft"), seeds=(0, 1)):
+    """A tiny head on random ReLU features (no data files needed) for the task runner."""
+    from dataclasses import replace
+
+    from crispedit.study.lenet import Head
+    from crispedit.study.sweep import Features, FinetuneConfig, StudyConfig, _Context
+
+    g = torch.Generator().manual_seed(0)
+
+    def split(n):
+        return torch.relu(torch.randn(n, 120, generator=g)), torch.randint(0, 10, (n,), generator=g)
+
+    feats = Features(*split(300), *split(256), *split(100), *split(100))
+    torch.manual_seed(0)
+    cfg = StudyConfig(finetune=FinetuneConfig(epochs=3, batch_size=64, lr=0.3, drift=0.02), ks=(1.0,), methods=methods,
+                      seeds=seeds, curvature_size=200)
+    return _Context(replace(cfg), Head(6), feats)
+
+
+def test_checkpoint_resumes_finished_tasks_and_ignores_other_configs(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from crispedit.study import sweep
+
+    ctx = _synthetic_context()
+    ck = tmp_path / "ck.jsonl"
+    first = sweep.run_tasks(ctx, 1, progress=False, checkpoint=ck)
+    assert len(ck.read_text().splitlines()) == 6 and not any(r.get("from_checkpoint") for r in first)
+    assert sum(r["recomputes"] for res in first for r in res["runs"]) > 0
+
+    def boom(*a, **k):
+        raise AssertionError("a finished task ran again")
+
+    monkeypatch.setattr(sweep, "_run_task", boom)
+    again = sweep.run_tasks(ctx, 1, progress=False, checkpoint=ck)
+    assert all(r["from_checkpoint"] for r in again)
+    assert [r["runs"] for r in again] == [r["runs"] for r in first]
+    other = sweep._Context(replace(ctx.cfg, ks=(2.0,)), ctx.head, ctx.feats)  # another config: nothing reused
+    assert sweep._load_checkpoint(ck, sweep.fingerprint(other.cfg)) == {}
+    with open(ck, "a") as f:  # a line cut short by an interruption is skipped
+        f.write('{"fingerprint": "')
+    assert len(sweep._load_checkpoint(ck, sweep.fingerprint(ctx.cfg))) == 6
+
+
+def test_interpolated_frontier_reads_the_curve_between_grid_points():
+    """A seed whose grid point lands just under t still gets the value where its curve crosses t."""
+    from crispedit.study.report import frontier
+
+    def pt(k, m, f):
+        return {"method": "kfac", "k": k, "runs": [{"seed": 0, "mnist_acc": m, "fashion_acc": f}]}
+
+    res = {"points": [pt(1.0, 0.90, 0.70), pt(2.0, 0.968, 0.66), pt(3.0, 0.988, 0.30)]}
+    grid = frontier(res, (0.97,))["kfac"]["0.97"]
+    inter = frontier(res, (0.97,), interpolate=True)["kfac"]["0.97"]
+    assert grid["mean"] == pytest.approx(0.30)
+    assert inter["mean"] == pytest.approx(0.66 + (0.97 - 0.968) / (0.988 - 0.968) * (0.30 - 0.66))  # 0.624
+    assert frontier(res, (0.99,), interpolate=True)["kfac"]["0.99"]["seeds_reaching"] == 0
