@@ -61,11 +61,12 @@ def test_lora_edit_converges_with_a_rank_limited_delta(setup):
 
 def test_sequence_mean_loss_weights_each_sequence_once(setup):
     model, tok, cur = setup
-    a = edit(model, tok, REQUESTS, TARGETS, EditConfig(method="locbf-ft", lr=1e-2, epochs=1, batch_size=4,
-                                                      loss_reduction="sequence"), progress=False)
-    a.delta.revert(model)
-    b = edit(model, tok, REQUESTS, TARGETS, EditConfig(method="ft", lr=1e-2, epochs=1, batch_size=4),
+    # one training sequence per request, all in the first batch: the first step sees every request unedited
+    one = dict(contexts=("raw",), prefixes=0, epochs=1, batch_size=4, lr=1e-2)
+    a = edit(model, tok, REQUESTS, TARGETS, EditConfig(method="locbf-ft", loss_reduction="sequence", **one),
              progress=False)
+    a.delta.revert(model)
+    b = edit(model, tok, REQUESTS, TARGETS, EditConfig(method="ft", **one), progress=False)
     b.delta.revert(model)
     # same first-step losses in expectation differ only in weighting; the per-request losses agree exactly
     assert a.request_losses[0] == b.request_losses[0]
