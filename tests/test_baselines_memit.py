@@ -110,7 +110,7 @@ def test_values_optimised_together_equal_values_optimised_one_at_a_time(tiny):
     prefixes = ["Because of this. ", "I think. "]
     together = optimize_values(model, tok, REQUESTS, block, prefixes, ValueSettings(steps=6, group_size=4))
     alone = optimize_values(model, tok, REQUESTS, block, prefixes, ValueSettings(steps=6, group_size=1))
-    assert float((together.z - alone.z).norm() / (alone.z - alone.init).norm()) < 1e-4
+    assert float((together.z - alone.z).norm() / (alone.z - alone.init).norm()) < 1e-8
     assert together.steps == alone.steps
     # the optimisation lowered each request's target NLL (the loss it was given)
     first = optimize_values(model, tok, REQUESTS, block, prefixes, ValueSettings(steps=1))
@@ -139,3 +139,23 @@ def test_sequential_memit_is_chunk_after_chunk_on_the_edited_model(tiny, byte_bp
     batch_model = tiny_model(byte_bpe_tokenizer)
     batch = run_baseline("memit", batch_model, tok, REQUESTS, cur, cfg)
     assert not torch.allclose(batch.deltas[TARGETS[0]], seq.deltas[TARGETS[0]], atol=1e-6)
+
+
+def test_the_shortcut_through_the_later_blocks_equals_the_full_forward(tiny):
+    from crispedit.baselines.values import _Forward
+
+    model, tok, _ = tiny
+    from crispedit.formatting import collate
+
+    b = collate([tok("The capital of France is Rome")["input_ids"], tok("Reply: yes. Reply: no.")["input_ids"]], 1)
+    ids, attn = b["input_ids"], b["attention_mask"]
+    rows, lookup, owner = torch.tensor([0, 1]), torch.tensor([3, 2]), torch.tensor([0, 1])
+    g_rows, g_pos = torch.tensor([0, 0, 1]), torch.tensor([4, 5, 6])
+    fwd = _Forward(model, block_of(TARGETS[-1]), ids, attn, rows, lookup, owner, g_rows, g_pos)
+    assert fwd.tail is not None  # a Llama exposes its decoder and block list
+    delta = torch.randn(2, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        fast, zero = fwd(delta), fwd(torch.zeros_like(delta))
+        fwd.tail = None
+        slow = fwd(delta)
+    assert float((fast - slow).abs().max()) < 1e-10 and float((fast - zero).abs().max()) > 1e-3

@@ -161,26 +161,26 @@ def _batched_forward(model: nn.Module, seqs: Sequence[list[int]], pad_id: int, b
 
 def read_at(model: nn.Module, seqs: Sequence[list[int]], positions: Sequence[int], pad_id: int,
             inputs_of: Sequence[str] = (), outputs_of: Sequence[str] = (), batch_size: int = 32
-            ) -> dict[str, torch.Tensor]:
-    """One no-grad pass over `seqs` (right-padded), reading at `positions[i]` of sequence i the input of
-    each module in `inputs_of` and the output (hidden states) of each module in `outputs_of`.
+            ) -> dict[tuple[str, str], torch.Tensor]:
+    """One no-grad pass over `seqs` (right-padded), reading at `positions[i]` of sequence i the input of each
+    module in `inputs_of` and the output (hidden states) of each module in `outputs_of`.
 
     Returns:
-        {module path: float64 `[len(seqs), dim]`} (a name in both lists gets keys `name` and `name:out`).
+        {("in" | "out", module path): float64 `[len(seqs), dim]`}.
     """
-    got: dict[str, list[torch.Tensor]] = {}
+    got: dict[tuple[str, str], list[torch.Tensor]] = {}
     state = {"start": 0}
 
-    def grab(key: str, is_input: bool):
+    def grab(key: tuple[str, str]):
         def hook(_m, inp, out):
-            x = inp[0] if is_input else _hidden(out)
+            x = inp[0] if key[0] == "in" else _hidden(out)
             rows = torch.arange(x.shape[0], device=x.device)
             pos = torch.tensor(positions[state["start"] : state["start"] + x.shape[0]], device=x.device)
             got.setdefault(key, []).append(x[rows, pos].detach().double().cpu())
         return hook
 
-    hooks = [(model.get_submodule(n), grab(n, True)) for n in inputs_of]
-    hooks += [(model.get_submodule(n), grab(n + ":out" if n in inputs_of else n, False)) for n in outputs_of]
+    hooks = [(model.get_submodule(n), grab(("in", n))) for n in inputs_of]
+    hooks += [(model.get_submodule(n), grab(("out", n))) for n in outputs_of]
     _batched_forward(model, seqs, pad_id, batch_size, hooks, lambda s: state.update(start=s))
     return {k: torch.cat(v) for k, v in got.items()}
 
@@ -201,7 +201,7 @@ def subject_keys(model: nn.Module, tokenizer, requests: Sequence[EditRequest], l
                   inputs_of=layers, batch_size=batch_size)
     out = {}
     for name in layers:
-        k = got[name]
+        k = got[("in", name)]
         per = torch.zeros(len(requests), len(groups), k.shape[1], dtype=torch.float64)
         cnt = torch.zeros(len(requests), len(groups), 1, dtype=torch.float64)
         for row, (i, g, _) in enumerate(flat):
@@ -218,7 +218,7 @@ def subject_outputs(model: nn.Module, tokenizer, requests: Sequence[EditRequest]
     located = [locate(tokenizer, "", r.prompt, subject_span(r, i)) for i, r in enumerate(requests)]
     got = read_at(model, [x.ids for x in located], [x.subject_last for x in located], pad_id_of(tokenizer),
                   outputs_of=[module], batch_size=batch_size)
-    return got[module]
+    return got[("out", module)]
 
 
 def target_ids(tokenizer, prompt: str, target: str) -> list[int]:

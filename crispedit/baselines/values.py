@@ -120,69 +120,131 @@ def _optimize_group(model, tokenizer, requests, block, prefixes, cfg: ValueSetti
     lr_len = torch.tensor([len(label_ids[r]) for r, pos in enumerate(label_pos) for _ in pos],
                           dtype=vdtype, device=device)
 
-    module = model.get_submodule(block)
-    d_model = None
-    init: torch.Tensor | None = None
-    delta: torch.Tensor | None = None
-
-    def hook(_m, _inp, out):
-        nonlocal init, d_model
-        h = out[0] if isinstance(out, tuple) else out
-        if init is None:
-            d_model = h.shape[-1]
-            # h at the subject's last token of each request's raw prompt (its first rewriting row)
-            first_rows = torch.arange(0, n_rewrite, n_ctx, device=h.device)
-            init = h[first_rows, lookup_t[first_rows]].detach().double()
-            return None
-        add = torch.zeros_like(h)
-        add = add.index_put((rows_t, lookup_t), delta[owner_t].to(h.dtype))
-        h = h + add
-        return (h,) + tuple(out[1:]) if isinstance(out, tuple) else h
-
-    handle = module.register_forward_hook(hook)
-    try:
+    first_rows = torch.arange(0, n_rewrite, n_ctx, device=device)  # each request's raw prompt
+    kl_rows_t = torch.tensor(kl_rows, device=device)
+    g_rows = torch.cat([lr_rows, kl_rows_t])
+    g_pos = torch.cat([lr_pos, lookup_t[kl_rows_t]])
+    n_lab = lr_rows.numel()
+    fwd = _Forward(model, block, input_ids, attn, rows_t, lookup_t, owner_t, g_rows, g_pos)
+    init = fwd.h[first_rows, lookup_t[first_rows]].detach().double()
+    delta = torch.zeros(n, fwd.h.shape[-1], dtype=vdtype, device=device, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=cfg.lr)
+    init_norm = init.norm(dim=1).to(vdtype)
+    done = torch.zeros(n, dtype=torch.bool, device=device)
+    final_loss = [float("nan")] * n
+    final_nll = [float("nan")] * n
+    steps = [0] * n
+    kl_init = None
+    for it in range(cfg.steps):
+        logits = fwd(delta)
+        lp = torch.log_softmax(logits[:n_lab], -1)
+        tok_nll = -lp.gather(1, lr_tok[:, None])[:, 0] / lr_len
+        row_nll = torch.zeros(n_rewrite, dtype=vdtype, device=device).index_add(0, lr_rows, tok_nll.to(vdtype))
+        nll = torch.zeros(n, dtype=vdtype, device=device).index_add(0, owner_t[:n_rewrite], row_nll) / n_ctx
+        kl_lp = torch.log_softmax(logits[n_lab:], -1)
+        if kl_init is None:
+            kl_init = kl_lp.detach()
+        kl = cfg.kl_factor * (kl_lp.exp() * (kl_lp - kl_init)).sum(-1).to(vdtype)
+        wd = cfg.weight_decay * delta.norm(dim=1) / init_norm ** 2
+        loss = nll + kl + wd
         with torch.no_grad():
-            model(input_ids=input_ids, attention_mask=attn)  # records init (δ = 0)
-        delta = torch.zeros(n, d_model, dtype=vdtype, device=device, requires_grad=True)
-        opt = torch.optim.Adam([delta], lr=cfg.lr)
-        init_norm = init.norm(dim=1).to(vdtype)
-        done = torch.zeros(n, dtype=torch.bool, device=device)
-        final_loss = [float("nan")] * n
-        final_nll = [float("nan")] * n
-        steps = [0] * n
-        kl_init = None
-        kl_rows_t = torch.tensor(kl_rows, device=device)
-        for it in range(cfg.steps):
-            logits = upcast(model(input_ids=input_ids, attention_mask=attn).logits)
-            lp = torch.log_softmax(logits[lr_rows, lr_pos], -1)
-            tok_nll = -lp.gather(1, lr_tok[:, None])[:, 0] / lr_len
-            row_nll = torch.zeros(n_rewrite, dtype=vdtype, device=device).index_add(0, lr_rows, tok_nll.to(vdtype))
-            nll = torch.zeros(n, dtype=vdtype, device=device).index_add(0, owner_t[:n_rewrite], row_nll) / n_ctx
-            kl_lp = torch.log_softmax(logits[kl_rows_t, lookup_t[kl_rows_t]], -1)
-            if kl_init is None:
-                kl_init = kl_lp.detach()
-            kl = cfg.kl_factor * (kl_lp.exp() * (kl_lp - kl_init)).sum(-1).to(vdtype)
-            wd = cfg.weight_decay * delta.norm(dim=1) / init_norm ** 2
-            loss = nll + kl + wd
-            with torch.no_grad():
-                for i in range(n):
-                    if not done[i]:
-                        final_loss[i], final_nll[i], steps[i] = float(loss[i]), float(nll[i]), it
-                done |= loss.detach() < cfg.early_stop_loss
-            if bool(done.all()) or it == cfg.steps - 1:
-                break
-            active = (~done).float()
-            opt.zero_grad()
-            (loss * active).sum().backward()
-            keep = delta.detach().clone()
-            opt.step()
-            with torch.no_grad():
-                delta[done] = keep[done]
-                max_norm = cfg.clamp_norm_factor * init_norm
-                norm = delta.norm(dim=1)
-                scale = torch.where(norm > max_norm, max_norm / norm.clamp_min(1e-30), torch.ones_like(norm))
-                delta.mul_(scale[:, None])
-    finally:
-        handle.remove()
-    assert init is not None and delta is not None
+            for i in range(n):
+                if not done[i]:
+                    final_loss[i], final_nll[i], steps[i] = float(loss[i]), float(nll[i]), it
+            done |= loss.detach() < cfg.early_stop_loss
+        if bool(done.all()) or it == cfg.steps - 1:
+            break
+        active = (~done).to(loss.dtype)
+        opt.zero_grad()
+        (loss * active).sum().backward()
+        keep = delta.detach().clone()
+        opt.step()
+        with torch.no_grad():
+            delta[done] = keep[done]
+            max_norm = cfg.clamp_norm_factor * init_norm
+            norm = delta.norm(dim=1)
+            scale = torch.where(norm > max_norm, max_norm / norm.clamp_min(1e-30), torch.ones_like(norm))
+            delta.mul_(scale[:, None])
     return Values(init + delta.detach().double(), init, final_loss, final_nll, steps)
+
+
+class _Forward:
+    """Logits at the gathered (row, position) pairs with δ[owner] added to block `block`'s output at each
+    row's lookup position.
+
+    The blocks up to `block` do not depend on δ, so their output is computed once and each step runs only
+    the later blocks (the decoder with its layer list cut, fed that output as input embeddings) and the
+    output head at the gathered positions. This shortcut is used only when, on the δ = 0 pass, it reproduces
+    the full model's logits; otherwise every step runs the full model with a forward hook.
+    """
+
+    def __init__(self, model, block, input_ids, attn, rows, lookup, owner, g_rows, g_pos):
+        self.model, self.block, self.input_ids, self.attn = model, block, input_ids, attn
+        self.rows, self.lookup, self.owner, self.g_rows, self.g_pos = rows, lookup, owner, g_rows, g_pos
+        got = {}
+
+        def grab(_m, _inp, out):
+            got["h"] = (out[0] if isinstance(out, tuple) else out).detach()
+
+        handle = model.get_submodule(block).register_forward_hook(grab)
+        try:
+            with torch.no_grad():
+                ref = model(input_ids=input_ids, attention_mask=attn).logits[g_rows, g_pos]
+        finally:
+            handle.remove()
+        self.h = got["h"]
+        self.tail = _tail_runner(model, block)
+        if self.tail is not None:
+            with torch.no_grad():
+                fast = self._tail_logits(self.h)
+            if fast.shape != ref.shape or not torch.allclose(fast, ref, rtol=1e-4,
+                                                             atol=1e-4 * float(ref.abs().max())):
+                self.tail = None
+
+    def _added(self, h: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        return h + torch.zeros_like(h).index_put((self.rows, self.lookup), delta[self.owner].to(h.dtype))
+
+    def _tail_logits(self, h: torch.Tensor) -> torch.Tensor:
+        hidden = self.tail(h, self.attn)
+        return self.model.get_output_embeddings()(hidden[self.g_rows, self.g_pos])
+
+    def __call__(self, delta: torch.Tensor) -> torch.Tensor:
+        if self.tail is not None:
+            return upcast(self._tail_logits(self._added(self.h, delta)))
+
+        def hook(_m, _inp, out):
+            if isinstance(out, tuple):
+                return (self._added(out[0], delta),) + tuple(out[1:])
+            return self._added(out, delta)
+
+        handle = self.model.get_submodule(self.block).register_forward_hook(hook)
+        try:
+            logits = self.model(input_ids=self.input_ids, attention_mask=self.attn).logits
+        finally:
+            handle.remove()
+        return upcast(logits[self.g_rows, self.g_pos])
+
+
+def _tail_runner(model: nn.Module, block: str):
+    """A function running the decoder's blocks after `block` on hidden states (final norm included), or None
+    when the model does not expose its decoder and block list in the usual Hugging Face way."""
+    try:
+        decoder = model.get_decoder()
+        head = model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    if decoder is None or head is None:
+        return None
+    target = model.get_submodule(block)
+    for attr, child in decoder.named_children():
+        if isinstance(child, nn.ModuleList):
+            for i, m in enumerate(child):
+                if m is target:
+                    def run(h, attn, attr=attr, full=child, i=i):
+                        setattr(decoder, attr, nn.ModuleList(list(full)[i + 1 :]))
+                        try:
+                            return decoder(inputs_embeds=h, attention_mask=attn, use_cache=False).last_hidden_state
+                        finally:
+                            setattr(decoder, attr, full)
+                    return run
+    return None
