@@ -93,7 +93,8 @@ def main() -> None:
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     nll_after = target_nll(model, tok, requests)
     row = {"method": args.method, "tag": args.tag, "n": len(requests), "config": delta.record["config"],
-           "targets": delta.record.get("targets_edited"), "seconds": delta.record["seconds"], "wall": wall, "cpu_seconds": cpu,
+           "targets": delta.record.get("targets_edited"), "seconds": delta.record["seconds"], "wall": wall,
+           "cpu_seconds": cpu,
            "timings": delta.record["timings"], "threads": args.threads,
            "target_nll_before": nll_before, "target_nll_after": nll_after,
            "update_relative_norm": {n: d["relative_norm"] for n, d in delta.record["diagnostics"].items()},

@@ -140,3 +140,15 @@ def test_ultraedit_config_rejects_bad_values():
         UltraEditConfig(lr=0)
     with pytest.raises(ValueError, match="chunk_size"):
         UltraEditConfig(chunk_size=0)
+
+
+def test_default_layers_are_the_reference_depths_scaled_to_the_model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from crispedit.baselines.ultraedit import default_ultraedit_targets
+
+    cfg = LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=30, num_attention_heads=2,
+                      num_key_value_heads=1)
+    names = default_ultraedit_targets(LlamaForCausalLM(cfg))
+    assert names == [f"model.layers.{i}.mlp.gate_proj" for i in range(10, 15)] + \
+        [f"model.layers.{i}.mlp.up_proj" for i in range(17, 23)]

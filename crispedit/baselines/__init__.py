@@ -117,8 +117,9 @@ def run_baseline(name: str, model, tokenizer, requests: Sequence[EditRequest], c
         curvature: a loaded `Curvature` or a cache folder (required by memit/alphaedit; optional otherwise,
             where it only adds K-FAC diagnostics and, for ultraedit, the default targets).
         config: the method's config dataclass (None = defaults).
-        targets: layers to edit (memit/alphaedit: a subset of the cache's; ultraedit: any Linear layers,
-            default the cache's or the architecture default; mend: those of the hypernetwork).
+        targets: layers to edit (memit/alphaedit: a subset of the cache's, default all of them; ultraedit: any
+            Linear layers, default UltraEdit's own MLP gate/up layers scaled to the model's depth, not the
+            cache's; mend: those of the hypernetwork).
 
     Raises:
         CrispEditError: bad input (see `validate`), or a non-finite update (the weights are then restored).
@@ -134,12 +135,10 @@ def run_baseline(name: str, model, tokenizer, requests: Sequence[EditRequest], c
     if name == "alphaedit":
         return run_alphaedit(model, tokenizer, requests, curvature, cfg, targets, progress)
     if name == "ultraedit":
+        from crispedit.baselines.ultraedit import default_ultraedit_targets
         from crispedit.models.targets import resolve_targets
 
-        if targets is None:
-            targets = curvature.targets if curvature is not None else resolve_targets(model, None)
-        else:
-            targets = resolve_targets(model, list(targets))
+        targets = default_ultraedit_targets(model) if targets is None else resolve_targets(model, list(targets))
         return run_ultraedit(model, tokenizer, requests, targets, cfg, curvature, progress)
     return run_mend(model, tokenizer, requests, cfg, curvature, progress=progress)
 

@@ -91,10 +91,13 @@ class LocateEditConfig:
 
 @dataclass(frozen=True)
 class MemitConfig(LocateEditConfig):
-    """MEMIT's hyper-parameters; defaults from the reference implementation's GPT-J/Llama-3 settings
-    (λ = 15,000, 25 value steps, clamp 0.75, KL 0.0625, weight decay 0.5), with v_lr = 0.5 as for GPT-J."""
+    """MEMIT's hyper-parameters; defaults from the reference implementation's GPT-J/Llama-3 settings (25 value
+    steps, clamp 0.75, KL 0.0625, weight decay 0.5, v_lr = 0.5 as for GPT-J) except λ = 1,500, measured on
+    SmolLM2: the reference's 15,000 (for d_in = 14,336 on Llama-3-8B; the mean eigenvalue of C scales as
+    1/d_in, and SmolLM2's d_in is 1,536) leaves 12 CounterFact edits at 8 % teacher-forced reliability
+    (layers 10-12), 1,500 writes all of them (held-out KL 0.005 nats/token)."""
 
-    mom2_weight: float = field(default=15000.0, metadata={
+    mom2_weight: float = field(default=1500.0, metadata={
         "help": "λ, the weight of the key covariance C = E[kkᵀ] (MEMIT's mom2_update_weight)"})
     covariance: str = field(default="all_tokens", metadata={
         "help": "which cache A is C: 'all_tokens' (sink-inclusive, as MEMIT counts every token) or "

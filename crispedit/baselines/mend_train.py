@@ -98,7 +98,8 @@ def _locality_batch(tokenizer, requests: Sequence[EditRequest], device) -> dict[
     for r in requests:
         for loc in r.locality:
             if loc.answer and loc.answer.strip():
-                seqs.append(encode_pair(tokenizer, loc.prompt, loc.answer, PromptFormat("raw"), add_eos=False).input_ids)
+                pair = encode_pair(tokenizer, loc.prompt, loc.answer, PromptFormat("raw"), add_eos=False)
+                seqs.append(pair.input_ids)
             else:
                 seqs.append(list(tokenizer(loc.prompt, add_special_tokens=True)["input_ids"]))
     if not seqs:

@@ -15,7 +15,10 @@ and the update is the ridge regression of those values on the raw keys, K `[m, d
     ΔWᵀ = (KᵀK + ρ I)⁻¹ Kᵀ V          (ρ = `ridge`, 1 in the reference code)
 
 the minimiser of ‖K ΔWᵀ − V‖² + ρ‖ΔW‖². No cache, subject or memory of earlier edits is needed; only
-the normaliser's statistics carry over between chunks.
+the normaliser's statistics carry over between chunks. The default layers are the reference's (MLP gate and
+up projections at fixed depth fractions), not the curvature cache's down-projections: on SmolLM2 they move
+the targets further for the same damage (20 CounterFact edits at lr 1e-4: target NLL 7.98 → 2.94 with
+held-out KL 0.045 nats/token, against 7.98 → 5.84 on down-projections 10-12).
 
 Deviation, on purpose: the reference normaliser merges a batch's variance as n_b · (unbiased variance),
 an n_b/(n_b−1) over-count of its sum of squares; here batches merge exactly (pooled sums of squares), so
@@ -24,6 +27,7 @@ the statistics equal those of all rows seen at once (tested).
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -35,17 +39,25 @@ from crispedit.baselines.common import Timer, WeightEditor, check_field, check_r
 from crispedit.baselines.keys import pad_id_of
 from crispedit.data.records import EditRequest
 from crispedit.editing.delta import EditDelta
+from crispedit.errors import CrispEditError
 from crispedit.formatting import PromptFormat, collate, encode_pair, next_token_targets
 
 FLOAT32_EPS = float(torch.finfo(torch.float32).eps)
+
+# The reference implementation edits, on Llama-3-8B (32 blocks), the MLP gate projections of blocks 11-15 and the
+# up projections of blocks 18-24; the default keeps these depth fractions for any gated-MLP architecture.
+DEFAULT_DEPTHS = (("gate_proj", 11 / 32, 15 / 32), ("up_proj", 18 / 32, 24 / 32))
+GATED_MLP_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "olmo2",
+                   "granite")
 
 
 @dataclass(frozen=True)
 class UltraEditConfig:
     """UltraEdit's hyper-parameters: ridge 1, 100 edits per chunk and forward batches of 10 as the reference
-    code; lr chosen on SmolLM2 (see the README's baseline notes; the reference uses 1e-6 on Llama-3-8B)."""
+    code; lr = 1e-4 measured on SmolLM2 with the default layers (20 CounterFact edits: 1e-5 barely moves the
+    targets, 1e-3 breaks the model, KL 2.9 nats/token; the reference uses 1e-6 on Llama-3-8B)."""
 
-    lr: float = field(default=1e-6, metadata={"help": "step size of the normalised pseudo-gradient values"})
+    lr: float = field(default=1e-4, metadata={"help": "step size of the normalised pseudo-gradient values"})
     ridge: float = field(default=1.0, metadata={"help": "ρ, the ridge added to KᵀK"})
     chunk_size: int | None = field(default=100, metadata={
         "help": "edits per lifelong step (each chunk is solved on the model edited so far; None = all at once)"})
@@ -58,6 +70,24 @@ class UltraEditConfig:
         check_field(self.chunk_size is None or self.chunk_size >= 1, c, "chunk_size", self.chunk_size,
                     "None or a positive integer")
         check_field(self.batch_size >= 1, c, "batch_size", self.batch_size, "an integer >= 1")
+
+
+def default_ultraedit_targets(model: nn.Module) -> list[str]:
+    """UltraEdit's reference layers scaled to this model's depth (SmolLM2, 30 blocks: gate_proj of blocks
+    10-14 and up_proj of blocks 17-22)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in GATED_MLP_TYPES:
+        raise CrispEditError(f"no default UltraEdit layers for model type {model_type!r}; choose the layers to edit")
+    names = dict(model.named_modules())
+    blocks = sorted({int(m.group(1)) for n in names if (m := re.fullmatch(r"model\.layers\.(\d+)\.mlp\.up_proj", n))})
+    L = len(blocks)
+    out = []
+    for proj, lo, hi in DEFAULT_DEPTHS:
+        out += [f"model.layers.{blocks[i]}.mlp.{proj}" for i in range(round(lo * L), min(round(hi * L), L - 1) + 1)]
+    missing = [n for n in out if n not in names]
+    if missing or not out:
+        raise CrispEditError(f"the default UltraEdit layers {missing or out} are not in this model; choose the layers")
+    return out
 
 
 class RunningMoments:

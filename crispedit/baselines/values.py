@@ -31,6 +31,8 @@ from crispedit.formatting import collate
 
 @dataclass(frozen=True)
 class ValueSettings:
+    """The value optimisation's knobs (the user-facing ones live in `memit.LocateEditConfig`)."""
+
     steps: int = 25
     lr: float = 0.5
     weight_decay: float = 0.5
