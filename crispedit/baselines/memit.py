@@ -105,7 +105,7 @@ class MemitConfig(LocateEditConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_field(self.mom2_weight >= 0, "MemitConfig", "mom2_weight", self.mom2_weight, "a number >= 0")
+        check_field(self.mom2_weight > 0, "MemitConfig", "mom2_weight", self.mom2_weight, "a positive number")
         check_field(self.covariance in COVARIANCES, "MemitConfig", "covariance", self.covariance,
                     f"one of {COVARIANCES}")
 

@@ -136,7 +136,7 @@ def train_mend(model: nn.Module, tokenizer, requests: Sequence[EditRequest], cfg
     order: list[int] = []
     curve: list[dict[str, float]] = []
     window: list[tuple[float, float, float, float]] = []
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     step = 0
     stopped = "steps"
     with frozen_model(model):
@@ -194,7 +194,7 @@ def train_mend(model: nn.Module, tokenizer, requests: Sequence[EditRequest], cfg
         "model": model_fingerprint(model, targets),
         "training": {
             "config": dataclasses.asdict(cfg), "data": data or {}, "n_requests": len(requests),
-            "steps": step, "stopped": stopped, "seconds": seconds,
+            "steps": step, "stopped": stopped, "seconds": seconds, "cpu_seconds": time.process_time() - c0,
             "seconds_per_step": seconds / max(step, 1), "threads": torch.get_num_threads(),
             "device": str(device), "curve": curve,
             "edit_lrs": [float(x) for x in net.edit_lrs.detach()],
