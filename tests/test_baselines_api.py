@@ -30,10 +30,11 @@ def test_every_config_field_has_a_default_and_help(name):
     for f in dataclasses.fields(cls):
         assert f.default is not dataclasses.MISSING, f.name
         assert f.metadata.get("help"), f.name
+    assert cls.from_dict(cfg.to_dict()) == cfg  # JSON round trip (what the delta record stores)
 
 
 def test_bad_config_values_name_the_field():
-    with pytest.raises(ValueError, match=r"MemitConfig\.mom2_weight = -1"):
+    with pytest.raises(ValueError, match=r"MemitConfig\.mom2_weight must be a positive number, got -1"):
         config_class("memit")(mom2_weight=-1)
     with pytest.raises(ValueError, match=r"MemitConfig\.chunk_size"):
         config_class("memit")(chunk_size=0)

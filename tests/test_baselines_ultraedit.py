@@ -9,7 +9,8 @@ from baselines_tiny import REQUESTS, TARGETS, tiny_model, weights
 
 from crispedit.baselines import UltraEditConfig, run_baseline
 from crispedit.baselines.ultraedit import RunningMoments, keys_and_output_grads, ultraedit_solve, ultraedit_values
-from crispedit.formatting import PromptFormat, collate, encode_pair, next_token_targets
+from crispedit.baselines.common import next_token_targets
+from crispedit.formatting import PromptFormat, collate, encode_pair
 from crispedit.models.targets import weight_matrix
 
 

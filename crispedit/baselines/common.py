@@ -9,7 +9,6 @@ requests fingerprint, config, seconds, diagnostics) plus the method's own timing
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import time
 from typing import Any, Iterator, Mapping, Sequence, TypeVar
 
@@ -24,20 +23,17 @@ from crispedit.models.targets import weight_matrix
 T = TypeVar("T")
 
 
-def check_field(ok: bool, cls: str, field: str, value: Any, allowed: str) -> None:
-    """Raise `ValueError` naming the config class, field, value and what is allowed."""
-    if not ok:
-        raise ValueError(f"{cls}.{field} = {value!r}: expected {allowed}")
-
-
-def check_chunk_size(cls: str, value: int | None) -> None:
-    check_field(value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1),
-                cls, "chunk_size", value, "None (all requests at once) or a positive integer")
-
-
 def config_json(method: str, cfg: Any) -> dict[str, Any]:
-    """The config as the delta records it: the method name and every field."""
-    return {"method": method, **dataclasses.asdict(cfg)}
+    """The config as the delta records it: the method name and every field (plain JSON values)."""
+    return {"method": method, **cfg.to_dict()}
+
+
+def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
+    """HF-style labels (label[t] = token at t, −100 = ignore) as per-position targets: position t predicts
+    label[t+1]; the last position predicts nothing (−100)."""
+    out = torch.full_like(labels, -100)
+    out[:, :-1] = labels[:, 1:]
+    return out
 
 
 def chunks(items: Sequence[T], size: int | None) -> list[Sequence[T]]:
@@ -156,24 +152,16 @@ class Timer:
             self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - t0
 
 
-def frozen_model(model: nn.Module):
-    """Context manager: eval mode and no parameter gradients while a baseline computes its update."""
-    return _Frozen(model)
+@contextlib.contextmanager
+def frozen_model(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode (no dropout) and every parameter frozen while a baseline computes its update (gradients are
+    taken with respect to activations or hypernetwork parameters only); both restored on exit."""
+    from crispedit.models.runtime import frozen_parameters
 
-
-class _Frozen:
-    def __init__(self, model: nn.Module):
-        self.model = model
-
-    def __enter__(self) -> nn.Module:
-        self.flags = [(p, p.requires_grad) for p in self.model.parameters()]
-        self.training = self.model.training
-        for p, _ in self.flags:
-            p.requires_grad_(False)
-        self.model.eval()
-        return self.model
-
-    def __exit__(self, *exc) -> None:
-        for p, f in self.flags:
-            p.requires_grad_(f)
-        self.model.train(self.training)
+    training = model.training
+    model.eval()
+    try:
+        with frozen_parameters(model):
+            yield model
+    finally:
+        model.train(training)

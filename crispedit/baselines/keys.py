@@ -23,6 +23,7 @@ from torch import nn
 from crispedit.data.records import EditRequest
 from crispedit.errors import CrispEditError
 from crispedit.formatting import collate, encode_target, PromptFormat
+from crispedit.models.runtime import pad_id_of
 from crispedit.models.targets import DEFAULT_TARGETS
 
 CONTEXT_STARTS = ("The", "Therefore", "Because", "I", "You")
@@ -183,10 +184,6 @@ def read_at(model: nn.Module, seqs: Sequence[list[int]], positions: Sequence[int
     hooks += [(model.get_submodule(n), grab(("out", n))) for n in outputs_of]
     _batched_forward(model, seqs, pad_id, batch_size, hooks, lambda s: state.update(start=s))
     return {k: torch.cat(v) for k, v in got.items()}
-
-
-def pad_id_of(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def subject_keys(model: nn.Module, tokenizer, requests: Sequence[EditRequest], layers: Sequence[str],

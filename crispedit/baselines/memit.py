@@ -27,61 +27,50 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
-from crispedit.baselines.common import Timer, WeightEditor, check_chunk_size, check_field, check_requests, chunks, \
-    frozen_model
+from crispedit.baselines.common import Timer, WeightEditor, check_requests, chunks, frozen_model
 from crispedit.baselines.keys import block_of, check_down_projections, check_subjects, \
     generate_context_prefixes, layer_number, subject_keys, subject_outputs
 from crispedit.baselines.values import ValueSettings, optimize_values
+from crispedit.config import Choice, ConfigBase, option
 from crispedit.data.records import EditRequest
 from crispedit.editing.delta import EditDelta
 from crispedit.errors import CrispEditError
 
 log = logging.getLogger(__name__)
 
-COVARIANCES = ("all_tokens", "without_sink")
+
+class Covariance(Choice):
+    """Which of the cache's input factors is the key covariance C."""
+
+    ALL_TOKENS = "all_tokens"  # sink-inclusive A: every token, as MEMIT's own statistics
+    WITHOUT_SINK = "without_sink"  # A without each sequence's first position
 
 
 @dataclass(frozen=True)
-class LocateEditConfig:
-    """What MEMIT and AlphaEdit share: the target-value optimisation and the context prefixes."""
+class LocateEditConfig(ConfigBase):
+    """What MEMIT and AlphaEdit share: the target-value optimisation, the context prefixes, the chunking."""
 
-    v_steps: int = field(default=25, metadata={"help": "Adam steps of the target-value optimisation"})
-    v_lr: float = field(default=0.5, metadata={"help": "Adam learning rate of the target-value optimisation"})
-    v_weight_decay: float = field(default=0.5, metadata={
-        "help": "weight of the ‖δ‖/‖h‖² penalty on the residual change"})
-    clamp_norm_factor: float = field(default=0.75, metadata={
-        "help": "‖δ‖ is clamped to this multiple of ‖h‖ after each step"})
-    kl_factor: float = field(default=0.0625, metadata={
-        "help": "weight of the KL term keeping '{subject} is a' unchanged"})
-    v_early_stop: float = field(default=0.05, metadata={"help": "stop a request's optimisation below this loss"})
-    context_prefixes: int = field(default=5, metadata={
-        "help": "number of generated context prefixes (one per starting word; 0 = raw prompt only)"})
-    context_length: int = field(default=10, metadata={"help": "tokens per generated context prefix"})
-    chunk_size: int | None = field(default=None, metadata={
-        "help": "sequential variant: edit this many requests at a time on the model edited so far "
-                "(None = all at once)"})
-    group_size: int = field(default=8, metadata={
-        "help": "requests whose values are optimised in one batch (speed only; results are the same)"})
-    seed: int = field(default=0, metadata={"help": "seed of the context-prefix sampling"})
-
-    def __post_init__(self) -> None:
-        c = type(self).__name__
-        check_field(self.v_steps >= 1, c, "v_steps", self.v_steps, "an integer >= 1")
-        for f in ("v_lr", "clamp_norm_factor"):
-            check_field(getattr(self, f) > 0, c, f, getattr(self, f), "a positive number")
-        for f in ("v_weight_decay", "kl_factor", "v_early_stop"):
-            check_field(getattr(self, f) >= 0, c, f, getattr(self, f), "a number >= 0")
-        check_field(0 <= self.context_prefixes <= 100, c, "context_prefixes", self.context_prefixes,
-                    "an integer in [0, 100]")
-        check_field(self.context_length >= 2, c, "context_length", self.context_length, "an integer >= 2")
-        check_field(self.group_size >= 1, c, "group_size", self.group_size, "an integer >= 1")
-        check_chunk_size(c, self.chunk_size)
+    v_steps: int = option(25, "Adam steps of the target-value optimisation", low=1)
+    v_lr: float = option(0.5, "Adam learning rate of the target-value optimisation", low=0.0, low_open=True)
+    v_weight_decay: float = option(0.5, "weight of the ‖δ‖/‖h‖² penalty on the residual change", low=0.0)
+    clamp_norm_factor: float = option(0.75, "‖δ‖ is clamped to this multiple of ‖h‖ after each step", low=0.0,
+                                      low_open=True)
+    kl_factor: float = option(0.0625, "weight of the KL term keeping '{subject} is a' unchanged", low=0.0)
+    v_early_stop: float = option(0.05, "stop a request's value optimisation below this loss", low=0.0)
+    context_prefixes: int = option(5, "model-written context prefixes, one per opening word (0 = raw prompt only)",
+                                   low=0, high=100)
+    context_length: int = option(10, "tokens per context prefix, opening word included", low=2)
+    chunk_size: int | None = option(None, "sequential variant: edit this many requests at a time on the model "
+                                          "edited so far (none = all at once)", low=1)
+    group_size: int = option(8, "requests whose values are optimised in one batch (speed only; same results)",
+                             low=1)
+    seed: int = option(0, "seed of the context-prefix sampling", low=0)
 
     def value_settings(self) -> ValueSettings:
         return ValueSettings(steps=self.v_steps, lr=self.v_lr, weight_decay=self.v_weight_decay,
@@ -97,17 +86,10 @@ class MemitConfig(LocateEditConfig):
     1/d_in, and SmolLM2's d_in is 1,536) leaves 12 CounterFact edits at 8 % teacher-forced reliability
     (layers 10-12), 1,500 writes all of them (held-out KL 0.005 nats/token)."""
 
-    mom2_weight: float = field(default=1500.0, metadata={
-        "help": "λ, the weight of the key covariance C = E[kkᵀ] (MEMIT's mom2_update_weight)"})
-    covariance: str = field(default="all_tokens", metadata={
-        "help": "which cache A is C: 'all_tokens' (sink-inclusive, as MEMIT counts every token) or "
-                "'without_sink'"})
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_field(self.mom2_weight > 0, "MemitConfig", "mom2_weight", self.mom2_weight, "a positive number")
-        check_field(self.covariance in COVARIANCES, "MemitConfig", "covariance", self.covariance,
-                    f"one of {COVARIANCES}")
+    mom2_weight: float = option(1500.0, "λ, the weight of the key covariance C = E[kkᵀ] (MEMIT's "
+                                        "mom2_update_weight)", low=0.0, low_open=True)
+    covariance: Covariance = option(Covariance.ALL_TOKENS, "which cache A is C: all_tokens (sink-inclusive, as "
+                                                           "MEMIT counts every token) or without_sink")
 
 
 def memit_solve(K: torch.Tensor, R: torch.Tensor, C: torch.Tensor, lam: float) -> torch.Tensor:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -31,13 +31,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from crispedit import __version__
-from crispedit.baselines.common import Timer, WeightEditor, check_field, check_requests, chunks, frozen_model, upcast
-from crispedit.baselines.keys import pad_id_of
+from crispedit.baselines.common import Timer, WeightEditor, check_requests, chunks, frozen_model, next_token_targets, \
+    upcast
+from crispedit.config import ConfigBase, option
 from crispedit.data.records import EditRequest
 from crispedit.editing.delta import EditDelta
 from crispedit.errors import CrispEditError
-from crispedit.formatting import PromptFormat, collate, encode_pair, next_token_targets
+from crispedit.formatting import PromptFormat, collate, encode_pair
 from crispedit.io import atomic_dir
+from crispedit.models.runtime import pad_id_of
 
 FORMAT = "crispedit-mend"
 FORMAT_VERSION = 1
@@ -46,22 +48,14 @@ RECORD = "hypernet.json"
 
 
 @dataclass(frozen=True)
-class MendConfig:
-    """Editing with a trained MEND hypernetwork (train one with `crispedit.baselines.mend_train`)."""
+class MendConfig(ConfigBase):
+    """Editing with a trained MEND hypernetwork (train one with `python -m crispedit.baselines.mend_train`)."""
 
-    hypernet: str | None = field(default=None, metadata={
-        "help": "folder of a trained MEND hypernetwork (hypernet.safetensors + hypernet.json)"})
-    chunk_size: int | None = field(default=None, metadata={
-        "help": "sequential variant: edit this many requests at a time on the model edited so far "
-                "(None = all at once)"})
-    batch_size: int = field(default=16, metadata={"help": "requests per forward/backward pass"})
-
-    def __post_init__(self) -> None:
-        check_field(self.hypernet is None or isinstance(self.hypernet, str), "MendConfig", "hypernet",
-                    self.hypernet, "a folder path")
-        check_field(self.chunk_size is None or self.chunk_size >= 1, "MendConfig", "chunk_size", self.chunk_size,
-                    "None or a positive integer")
-        check_field(self.batch_size >= 1, "MendConfig", "batch_size", self.batch_size, "an integer >= 1")
+    hypernet: str | None = option(None, "folder of a trained MEND hypernetwork (hypernet.safetensors + "
+                                        "hypernet.json)", metavar="DIR")
+    chunk_size: int | None = option(None, "sequential variant: edit this many requests at a time on the model "
+                                          "edited so far (none = all at once)", low=1)
+    batch_size: int = option(16, "requests per forward/backward pass", low=1)
 
 
 # ---------------------------------------------------------------------------------------------------- network

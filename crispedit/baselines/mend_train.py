@@ -20,11 +20,10 @@ learns something, and `max_seconds` bounds the run. Run as a module:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -33,45 +32,37 @@ from torch import nn
 from torch.func import functional_call
 from transformers.pytorch_utils import Conv1D
 
-from crispedit.baselines.common import check_field, frozen_model
-from crispedit.baselines.keys import pad_id_of
+from crispedit.baselines.common import frozen_model
 from crispedit.baselines.mend import MendNet, edit_batch, gradient_factors, per_request_nll, save_hypernet
+from crispedit.config import ConfigBase, option
 from crispedit.data.records import EditRequest
 from crispedit.errors import CrispEditError
 from crispedit.formatting import PromptFormat, collate, encode_pair
+from crispedit.models.runtime import pad_id_of
 from crispedit.models.targets import DEFAULT_TARGETS, layer_io_dims, resolve_targets, weight_matrix
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class MendTrainConfig:
-    layers: str | None = field(default=None, metadata={
-        "help": "layers to edit (names, ranges or regex); default: the last three MLP down-projections"})
-    rank: int = field(default=1920, metadata={"help": "rank of the hypernetwork's low-rank blocks"})
-    n_blocks: int = field(default=2, metadata={"help": "residual low-rank blocks (MEND: n_hidden + 1 = 2)"})
-    edit_lr: float = field(default=1e-4, metadata={"help": "initial per-layer edit step α"})
-    lr: float = field(default=1e-4, metadata={"help": "Adam learning rate of the hypernetwork"})
-    lr_lr: float = field(default=1e-4, metadata={"help": "Adam learning rate of the per-layer steps α"})
-    c_edit: float = field(default=0.1, metadata={"help": "weight of the edit loss"})
-    c_loc: float = field(default=1.0, metadata={"help": "weight of the locality KL"})
-    edits_per_step: int = field(default=4, metadata={"help": "requests edited together in one training step"})
-    steps: int = field(default=1000, metadata={"help": "maximum training steps"})
-    max_seconds: float | None = field(default=None, metadata={"help": "stop after this many seconds"})
-    grad_clip: float = field(default=100.0, metadata={"help": "gradient-norm clip of the outer update"})
-    seed: int = field(default=0, metadata={"help": "seed of the initialisation and the sampling"})
-    log_every: int = field(default=25, metadata={"help": "record the running losses every this many steps"})
+class MendTrainConfig(ConfigBase):
+    """How a MEND hypernetwork is trained (defaults: MEND's, except the outer learning rates; see above)."""
 
-    def __post_init__(self) -> None:
-        c = "MendTrainConfig"
-        for f in ("rank", "n_blocks", "edits_per_step", "steps", "log_every"):
-            check_field(getattr(self, f) >= 1, c, f, getattr(self, f), "an integer >= 1")
-        for f in ("edit_lr", "lr", "lr_lr", "grad_clip"):
-            check_field(getattr(self, f) > 0, c, f, getattr(self, f), "a positive number")
-        for f in ("c_edit", "c_loc"):
-            check_field(getattr(self, f) >= 0, c, f, getattr(self, f), "a number >= 0")
-        check_field(self.max_seconds is None or self.max_seconds > 0, c, "max_seconds", self.max_seconds,
-                    "None or a positive number")
+    layers: str | None = option(None, "layers to edit (names, ranges or regex); default: the last three MLP "
+                                      "down-projections", metavar="SPEC")
+    rank: int = option(1920, "rank of the hypernetwork's low-rank blocks", low=1)
+    n_blocks: int = option(2, "residual low-rank blocks (MEND: n_hidden + 1 = 2)", low=1)
+    edit_lr: float = option(1e-4, "initial per-layer edit step α", low=0.0, low_open=True)
+    lr: float = option(1e-4, "Adam learning rate of the hypernetwork", low=0.0, low_open=True)
+    lr_lr: float = option(1e-4, "Adam learning rate of the per-layer steps α", low=0.0, low_open=True)
+    c_edit: float = option(0.1, "weight of the edit loss", low=0.0)
+    c_loc: float = option(1.0, "weight of the locality KL", low=0.0)
+    edits_per_step: int = option(4, "requests edited together in one training step", low=1)
+    steps: int = option(1000, "maximum training steps", low=1)
+    max_seconds: float | None = option(None, "stop after this many seconds", low=0.0, low_open=True)
+    grad_clip: float = option(100.0, "gradient-norm clip of the outer update", low=0.0, low_open=True)
+    seed: int = option(0, "seed of the initialisation and the sampling", low=0)
+    log_every: int = option(25, "record the running losses every this many steps", low=1)
 
 
 def default_mend_targets(model: nn.Module, count: int = 3) -> list[str]:
@@ -193,7 +184,7 @@ def train_mend(model: nn.Module, tokenizer, requests: Sequence[EditRequest], cfg
     record = {
         "model": model_fingerprint(model, targets),
         "training": {
-            "config": dataclasses.asdict(cfg), "data": data or {}, "n_requests": len(requests),
+            "config": cfg.to_dict(), "data": data or {}, "n_requests": len(requests),
             "steps": step, "stopped": stopped, "seconds": seconds, "cpu_seconds": time.process_time() - c0,
             "seconds_per_step": seconds / max(step, 1), "threads": torch.get_num_threads(),
             "device": str(device), "curve": curve,
@@ -213,6 +204,7 @@ def file_sha256(path: str | Path) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Train a hypernetwork from the command line (a thin shell over `train_mend`)."""
+    from crispedit.cli.common import add_config_options, config_from_args
     from crispedit.data.readers import load_requests
     from crispedit.models.loading import load_model
 
@@ -223,14 +215,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--force", action="store_true")
-    for f in dataclasses.fields(MendTrainConfig):
-        kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
-        p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None, help=f.metadata.get("help"))
+    add_config_options(p, MendTrainConfig)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(MendTrainConfig)
-                 if getattr(args, f.name) is not None}
-    cfg = MendTrainConfig(**overrides)
+    cfg = config_from_args(args, MendTrainConfig)
     if Path(args.out).exists() and not args.force:
         raise SystemExit(f"error: {args.out} exists (choose another folder, or --force)")
     requests = load_requests(args.data, limit=args.limit)

@@ -29,18 +29,20 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from torch import nn
 
-from crispedit.baselines.common import Timer, WeightEditor, check_field, check_requests, chunks, frozen_model, upcast
-from crispedit.baselines.keys import pad_id_of
+from crispedit.baselines.common import Timer, WeightEditor, check_requests, chunks, frozen_model, next_token_targets, \
+    upcast
+from crispedit.config import ConfigBase, option
 from crispedit.data.records import EditRequest
 from crispedit.editing.delta import EditDelta
 from crispedit.errors import CrispEditError
-from crispedit.formatting import PromptFormat, collate, encode_pair, next_token_targets
+from crispedit.formatting import PromptFormat, collate, encode_pair
+from crispedit.models.runtime import pad_id_of
 
 FLOAT32_EPS = float(torch.finfo(torch.float32).eps)
 
@@ -52,24 +54,16 @@ GATED_MLP_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gem
 
 
 @dataclass(frozen=True)
-class UltraEditConfig:
+class UltraEditConfig(ConfigBase):
     """UltraEdit's hyper-parameters: ridge 1, 100 edits per chunk and forward batches of 10 as the reference
     code; lr = 1e-4 measured on SmolLM2 with the default layers (20 CounterFact edits: 1e-5 barely moves the
     targets, 1e-3 breaks the model, KL 2.9 nats/token; the reference uses 1e-6 on Llama-3-8B)."""
 
-    lr: float = field(default=1e-4, metadata={"help": "step size of the normalised pseudo-gradient values"})
-    ridge: float = field(default=1.0, metadata={"help": "ρ, the ridge added to KᵀK"})
-    chunk_size: int | None = field(default=100, metadata={
-        "help": "edits per lifelong step (each chunk is solved on the model edited so far; None = all at once)"})
-    batch_size: int = field(default=10, metadata={"help": "requests per forward/backward pass"})
-
-    def __post_init__(self) -> None:
-        c = "UltraEditConfig"
-        check_field(self.lr > 0, c, "lr", self.lr, "a positive number")
-        check_field(self.ridge > 0, c, "ridge", self.ridge, "a positive number")
-        check_field(self.chunk_size is None or self.chunk_size >= 1, c, "chunk_size", self.chunk_size,
-                    "None or a positive integer")
-        check_field(self.batch_size >= 1, c, "batch_size", self.batch_size, "an integer >= 1")
+    lr: float = option(1e-4, "step size of the normalised pseudo-gradient values", low=0.0, low_open=True)
+    ridge: float = option(1.0, "ρ, the ridge added to KᵀK", low=0.0, low_open=True)
+    chunk_size: int | None = option(100, "edits per lifelong step, each solved on the model edited so far "
+                                         "(none = all at once)", low=1)
+    batch_size: int = option(10, "requests per forward/backward pass", low=1)
 
 
 def default_ultraedit_targets(model: nn.Module) -> list[str]:

@@ -24,9 +24,10 @@ import torch
 from torch import nn
 
 from crispedit.baselines.common import upcast
-from crispedit.baselines.keys import Located, locate, pad_id_of, subject_span, target_ids
+from crispedit.baselines.keys import Located, locate, subject_span, target_ids
 from crispedit.data.records import EditRequest
 from crispedit.formatting import collate
+from crispedit.models.runtime import pad_id_of
 
 
 @dataclass(frozen=True)
