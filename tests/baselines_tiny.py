@@ -34,13 +34,14 @@ def tiny_model(tokenizer, layers: int = 4, seed: int = 0):
     return LlamaForCausalLM(cfg).double().eval()
 
 
-def tiny_curvature(model, tokenizer, targets=TARGETS, sink_tokens: int = 1):
+def tiny_curvature(model, tokenizer, targets=TARGETS, sink_tokens: int = 1, n_random: int = 24,
+                   n_texts: int = len(CAPABILITY)):
     from crispedit.curvature.api import Curvature, CurvatureConfig
 
     # real sentences plus seeded random token strings: enough distinct inputs for a full-rank A (d_in = 64)
     g = torch.Generator().manual_seed(1)
-    seqs = [tokenizer(t)["input_ids"] for t in CAPABILITY]
-    seqs += [torch.randint(2, len(tokenizer), (12,), generator=g).tolist() for _ in range(24)]
+    seqs = [tokenizer(t)["input_ids"] for t in CAPABILITY[:n_texts]]
+    seqs += [torch.randint(2, len(tokenizer), (12,), generator=g).tolist() for _ in range(n_random)]
     return Curvature.compute(model, targets, seqs, {"source": "test"},
                              CurvatureConfig(mc_samples=2, sink_tokens=sink_tokens), pad_id=1, progress=False)
 

@@ -10,7 +10,7 @@ import torch
 from baselines_tiny import REQUESTS, TARGETS, tiny_curvature, tiny_model, weights
 
 import crispedit.baselines.memit as memit_mod
-from crispedit.baselines import MemitConfig, run_baseline
+from crispedit.baselines import MemitConfig, run_baseline, validate
 from crispedit.baselines.keys import block_of, subject_keys, subject_outputs
 from crispedit.baselines.memit import key_covariance, memit_solve
 from crispedit.baselines.values import ValueSettings, optimize_values
@@ -159,3 +159,17 @@ def test_the_shortcut_through_the_later_blocks_equals_the_full_forward(tiny):
         fwd.tail = None
         slow = fwd(delta)
     assert float((fast - slow).abs().max()) < 1e-10 and float((fast - zero).abs().max()) > 1e-3
+
+
+def test_memit_refuses_a_cache_with_fewer_tokens_than_key_dimensions(tiny, byte_bpe_tokenizer):
+    from crispedit.errors import CrispEditError
+
+    model, tok, _ = tiny
+    small = tiny_curvature(model, tok, n_random=0, n_texts=3)  # about 40 tokens for 64 inputs
+    assert small.stats[TARGETS[0]].n + small.stats[TARGETS[0]].n_sink < 64
+    with pytest.raises(CrispEditError, match="fewer than its 64 inputs"):
+        run_baseline("memit", model, tok, REQUESTS, small, MemitConfig(**FAST))
+    # the cache's record alone tells: the CLI can refuse before loading the model
+    record = dict(small.record, counts={n: {"n": s.n, "n_sink": s.n_sink} for n, s in small.stats.items()})
+    with pytest.raises(CrispEditError, match="fewer than its 64 inputs"):
+        validate("memit", REQUESTS, curvature=record)

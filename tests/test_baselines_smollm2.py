@@ -31,14 +31,15 @@ def smol():
 
 @pytest.fixture(scope="module")
 def small_cache(smol):
-    """A small curvature cache for the default targets (enough for a full-rank key covariance is not needed:
-    the smoke test checks direction, not quality)."""
+    """A small curvature cache for the default targets: a little more text than the down-projections have
+    inputs (1,536), so that MEMIT's key covariance is not singular."""
     from crispedit.curvature.api import Curvature, CurvatureConfig
     from crispedit.data.corpus import build_corpus
     from crispedit.models.targets import resolve_targets
 
     model, tok = smol
-    corpus = build_corpus(tok, None, n_samples=8, max_length=64, split="train")
+    corpus = build_corpus(tok, None, n_samples=24, max_length=128, split="train")
+    assert corpus.n_tokens > 1536
     return Curvature.compute(model, resolve_targets(model, None), corpus.sequences, corpus.describe(),
                              CurvatureConfig(), pad_id=tok.pad_token_id, progress=False)
 
@@ -87,7 +88,7 @@ def test_mend_trained_briefly_on_the_train_split_raises_the_edited_targets_proba
 
     model, tok = smol
     train = load_requests(COUNTERFACT / "counterfact-train.json", limit=200)
-    net, record = train_mend(model, tok, train, MendTrainConfig(rank=64, steps=30, edits_per_step=4, lr=1e-3))
+    net, record = train_mend(model, tok, train, MendTrainConfig(rank=64, steps=12, edits_per_step=4, lr=1e-3))
     path = save_hypernet(tmp_path / "mend", net, record)
     requests = load_requests(COUNTERFACT / "counterfact-edit.json", limit=2)
     _check_raises_and_reverts(model, tok, requests,

@@ -97,6 +97,15 @@ def validate(name: str, requests: Sequence[EditRequest] | None = None, config: A
                                      f"{cache_targets}")
         model_type = (record or {}).get("model", {}).get("model_type")
         check_down_projections(name, chosen, model_type)
+    if name == "memit" and record is not None and "counts" in record:
+        sink = cfg.covariance == "all_tokens"
+        for t in record["targets"]:
+            c = record["counts"].get(t["name"], {})
+            n = c.get("n", 0) + (c.get("n_sink", 0) if sink else 0)
+            if (chosen is None or t["name"] in chosen) and n < t.get("d_in", 0):
+                raise CrispEditError(f"the curvature cache holds {n} tokens for {t['name']}, fewer than its "
+                                     f"{t['d_in']} inputs: MEMIT's key covariance is singular; collect more text "
+                                     "(crispedit curvature --samples)")
     if name == "mend":
         if cfg.hypernet is None:
             raise CrispEditError("method 'mend' needs a trained hypernetwork (MendConfig.hypernet); train one "

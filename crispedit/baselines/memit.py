@@ -106,9 +106,18 @@ def memit_solve(K: torch.Tensor, R: torch.Tensor, C: torch.Tensor, lam: float) -
     return torch.linalg.solve(M, K @ R.T).T
 
 
-def key_covariance(curvature, name: str, covariance: str = "all_tokens") -> torch.Tensor:
-    """C = E[kkᵀ] of a down-projection from the curvature cache (float64 `[d_in, d_in]`)."""
+def key_covariance(curvature, name: str, covariance: str = "all_tokens", full_rank: bool = False) -> torch.Tensor:
+    """C = E[kkᵀ] of a down-projection from the curvature cache (float64 `[d_in, d_in]`).
+
+    Raises:
+        CrispEditError: with `full_rank`, when the cache holds fewer tokens than C has dimensions (C is then
+            singular, and MEMIT's λC + KKᵀ cannot be inverted).
+    """
     s = curvature.stats[name]
+    n = s.n + (s.n_sink if covariance == "all_tokens" else 0)
+    if full_rank and n < s.d_in:
+        raise CrispEditError(f"the curvature cache holds {n} tokens for {name}, fewer than its {s.d_in} inputs: "
+                             "MEMIT's key covariance is singular; collect more text (crispedit curvature --samples)")
     C = s.full_input_factor() if covariance == "all_tokens" else s.factors()[0]
     return C.double().cpu()
 
@@ -195,7 +204,7 @@ def run_memit(model: nn.Module, tokenizer, requests: Sequence[EditRequest], curv
     targets = resolve_cache_targets("memit", model, curvature, targets)
     t0 = time.perf_counter()
     timer = Timer()
-    C = {n: key_covariance(curvature, n, cfg.covariance) for n in targets}
+    C = {n: key_covariance(curvature, n, cfg.covariance, full_rank=True) for n in targets}
 
     def solve(_j: int, name: str, K: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
         return memit_solve(K, R, C[name], cfg.mom2_weight)
