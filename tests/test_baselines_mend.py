@@ -127,3 +127,16 @@ def test_training_lowers_the_post_edit_loss(tiny):
     assert len(curve) == 4 and record["training"]["steps"] == 40
     assert curve[-1]["edit_nll"] < curve[0]["edit_nll"]
     assert curve[-1]["edit_nll"] < curve[-1]["pre_edit_nll"]  # the learned edit does better than no edit
+
+
+def test_saving_replaces_only_a_hypernetwork_folder(tiny, tmp_path):
+    model, tok = tiny
+    net, record = train_mend(model, tok, REQUESTS * 2, dataclasses.replace(TRAIN, steps=1))
+    path = save_hypernet(tmp_path / "mend", net, record)
+    save_hypernet(path, net, record, overwrite=True)
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    with pytest.raises(CrispEditError, match="not a MEND hypernetwork folder"):
+        save_hypernet(other, net, record, overwrite=True)
+    assert (other / "keep.txt").read_text() == "mine"

@@ -216,7 +216,10 @@ def save_hypernet(path: str | Path, net: MendNet, record: dict[str, Any], overwr
     rec = dict(record, format=FORMAT, format_version=FORMAT_VERSION, crispedit_version=__version__,
                targets=[{"name": n, "d_in": a, "d_out": b} for n, a, b in net.targets],
                network={"rank": net.rank, "n_blocks": net.n_blocks})
-    with atomic_dir(path, overwrite=overwrite) as tmp:
+    path = Path(path)
+    if overwrite and path.exists() and any(path.iterdir()):
+        read_hypernet_record(path)  # replace only a hypernetwork folder crispedit wrote
+    with atomic_dir(path, overwrite=overwrite, require_marker=False) as tmp:
         save_file(tensors, str(tmp / TENSORS), metadata={"format": FORMAT})
         (tmp / RECORD).write_text(json.dumps(rec, indent=2) + "\n")
     return Path(path)
