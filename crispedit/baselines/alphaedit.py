@@ -18,7 +18,6 @@ edited model, are added to C_p so that later chunks leave them alone.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -26,23 +25,10 @@ from torch import nn
 
 from crispedit.baselines.common import Timer, WeightEditor, check_requests, chunks, frozen_model
 from crispedit.baselines.keys import check_subjects, subject_keys
-from crispedit.baselines.memit import Covariance, LocateEditConfig, context_prefixes, key_covariance, \
-    locate_then_edit, resolve_cache_targets
-from crispedit.config import option
+from crispedit.baselines.config import AlphaEditConfig
+from crispedit.baselines.memit import context_prefixes, key_covariance, locate_then_edit, resolve_cache_targets
 from crispedit.data.records import EditRequest
 from crispedit.editing.delta import EditDelta
-
-
-@dataclass(frozen=True)
-class AlphaEditConfig(LocateEditConfig):
-    """AlphaEdit's hyper-parameters; defaults from the reference implementation's Llama-3 settings
-    (null-space threshold 2e-2, α = 10, value optimisation as MEMIT) except v_lr (MEMIT's GPT-J 0.5)."""
-
-    null_threshold: float = option(2e-2, "eigenvalues of C = E[kkᵀ] below this (absolute) span the null space the "
-                                         "update is kept in", low=0.0, low_open=True)
-    l2: float = option(10.0, "α, the ridge weight on the projected update", low=0.0, low_open=True)
-    covariance: Covariance = option(Covariance.ALL_TOKENS, "which cache A is C: all_tokens (sink-inclusive) or "
-                                                           "without_sink")
 
 
 def null_space_projector(C: torch.Tensor, threshold: float) -> tuple[torch.Tensor, int]:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
@@ -36,60 +35,13 @@ from torch import nn
 from crispedit.baselines.common import Timer, WeightEditor, check_requests, chunks, frozen_model
 from crispedit.baselines.keys import block_of, check_down_projections, check_subjects, \
     generate_context_prefixes, layer_number, subject_keys, subject_outputs
-from crispedit.baselines.values import ValueSettings, optimize_values
-from crispedit.config import Choice, ConfigBase, option
+from crispedit.baselines.values import optimize_values
+from crispedit.baselines.config import Covariance, LocateEditConfig, MemitConfig  # noqa: F401 - re-exported
 from crispedit.data.records import EditRequest
 from crispedit.editing.delta import EditDelta
 from crispedit.errors import CrispEditError
 
 log = logging.getLogger(__name__)
-
-
-class Covariance(Choice):
-    """Which of the cache's input factors is the key covariance C."""
-
-    ALL_TOKENS = "all_tokens"  # sink-inclusive A: every token, as MEMIT's own statistics
-    WITHOUT_SINK = "without_sink"  # A without each sequence's first position
-
-
-@dataclass(frozen=True)
-class LocateEditConfig(ConfigBase):
-    """What MEMIT and AlphaEdit share: the target-value optimisation, the context prefixes, the chunking."""
-
-    v_steps: int = option(25, "Adam steps of the target-value optimisation", low=1)
-    v_lr: float = option(0.5, "Adam learning rate of the target-value optimisation", low=0.0, low_open=True)
-    v_weight_decay: float = option(0.5, "weight of the ‖δ‖/‖h‖² penalty on the residual change", low=0.0)
-    clamp_norm_factor: float = option(0.75, "‖δ‖ is clamped to this multiple of ‖h‖ after each step", low=0.0,
-                                      low_open=True)
-    kl_factor: float = option(0.0625, "weight of the KL term keeping '{subject} is a' unchanged", low=0.0)
-    v_early_stop: float = option(0.05, "stop a request's value optimisation below this loss", low=0.0)
-    context_prefixes: int = option(5, "model-written context prefixes, one per opening word (0 = raw prompt only)",
-                                   low=0, high=100)
-    context_length: int = option(10, "tokens per context prefix, opening word included", low=2)
-    chunk_size: int | None = option(None, "sequential variant: edit this many requests at a time on the model "
-                                          "edited so far (none = all at once)", low=1)
-    group_size: int = option(8, "requests whose values are optimised in one batch (speed only; same results)",
-                             low=1)
-    seed: int = option(0, "seed of the context-prefix sampling", low=0)
-
-    def value_settings(self) -> ValueSettings:
-        return ValueSettings(steps=self.v_steps, lr=self.v_lr, weight_decay=self.v_weight_decay,
-                             clamp_norm_factor=self.clamp_norm_factor, kl_factor=self.kl_factor,
-                             early_stop_loss=self.v_early_stop, group_size=self.group_size)
-
-
-@dataclass(frozen=True)
-class MemitConfig(LocateEditConfig):
-    """MEMIT's hyper-parameters; defaults from the reference implementation's GPT-J/Llama-3 settings (25 value
-    steps, clamp 0.75, KL 0.0625, weight decay 0.5, v_lr = 0.5 as for GPT-J) except λ = 1,500, measured on
-    SmolLM2: the reference's 15,000 (for d_in = 14,336 on Llama-3-8B; the mean eigenvalue of C scales as
-    1/d_in, and SmolLM2's d_in is 1,536) leaves 12 CounterFact edits at 8 % teacher-forced reliability
-    (layers 10-12), 1,500 writes all of them (held-out KL 0.005 nats/token)."""
-
-    mom2_weight: float = option(1500.0, "λ, the weight of the key covariance C = E[kkᵀ] (MEMIT's "
-                                        "mom2_update_weight)", low=0.0, low_open=True)
-    covariance: Covariance = option(Covariance.ALL_TOKENS, "which cache A is C: all_tokens (sink-inclusive, as "
-                                                           "MEMIT counts every token) or without_sink")
 
 
 def memit_solve(K: torch.Tensor, R: torch.Tensor, C: torch.Tensor, lam: float) -> torch.Tensor:
@@ -126,8 +78,8 @@ def resolve_cache_targets(method: str, model: nn.Module, curvature, targets: Seq
     """The edited layers: the cache's targets, or a subset of them; down-projections only, one per block,
     returned in depth order."""
     if curvature is None:
-        raise CrispEditError(f"method {method!r} needs a curvature cache (--curvature): its key covariance "
-                             "E[kkᵀ] is the cache's input factor A")
+        raise CrispEditError(f"method {method!r} needs a curvature cache: its key covariance E[kkᵀ] is the cache's "
+                             "input factor A", hint={"curvature": ...})
     chosen = list(curvature.targets) if targets is None else list(targets)
     missing = [t for t in chosen if t not in curvature.targets]
     if missing:

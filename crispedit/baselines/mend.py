@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -33,7 +32,7 @@ from torch import nn
 from crispedit import __version__
 from crispedit.baselines.common import Timer, WeightEditor, check_requests, chunks, frozen_model, next_token_targets, \
     upcast
-from crispedit.config import ConfigBase, option
+from crispedit.baselines.config import MendConfig
 from crispedit.data.records import EditRequest
 from crispedit.editing.delta import EditDelta
 from crispedit.errors import CrispEditError
@@ -45,17 +44,6 @@ FORMAT = "crispedit-mend"
 FORMAT_VERSION = 1
 TENSORS = "hypernet.safetensors"
 RECORD = "hypernet.json"
-
-
-@dataclass(frozen=True)
-class MendConfig(ConfigBase):
-    """Editing with a trained MEND hypernetwork (train one with `python -m crispedit.baselines.mend_train`)."""
-
-    hypernet: str | None = option(None, "folder of a trained MEND hypernetwork (hypernet.safetensors + "
-                                        "hypernet.json)", metavar="DIR")
-    chunk_size: int | None = option(None, "sequential variant: edit this many requests at a time on the model "
-                                          "edited so far (none = all at once)", low=1)
-    batch_size: int = option(16, "requests per forward/backward pass", low=1)
 
 
 # ---------------------------------------------------------------------------------------------------- network

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -37,7 +36,7 @@ from torch import nn
 
 from crispedit.baselines.common import Timer, WeightEditor, check_requests, chunks, frozen_model, next_token_targets, \
     upcast
-from crispedit.config import ConfigBase, option
+from crispedit.baselines.config import UltraEditConfig
 from crispedit.data.records import EditRequest
 from crispedit.editing.delta import EditDelta
 from crispedit.errors import CrispEditError
@@ -51,19 +50,6 @@ FLOAT32_EPS = float(torch.finfo(torch.float32).eps)
 DEFAULT_DEPTHS = (("gate_proj", 11 / 32, 15 / 32), ("up_proj", 18 / 32, 24 / 32))
 GATED_MLP_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "olmo2",
                    "granite")
-
-
-@dataclass(frozen=True)
-class UltraEditConfig(ConfigBase):
-    """UltraEdit's hyper-parameters: ridge 1, 100 edits per chunk and forward batches of 10 as the reference
-    code; lr = 1e-4 measured on SmolLM2 with the default layers (20 CounterFact edits: 1e-5 barely moves the
-    targets, 1e-3 breaks the model, KL 2.9 nats/token; the reference uses 1e-6 on Llama-3-8B)."""
-
-    lr: float = option(1e-4, "step size of the normalised pseudo-gradient values", low=0.0, low_open=True)
-    ridge: float = option(1.0, "ρ, the ridge added to KᵀK", low=0.0, low_open=True)
-    chunk_size: int | None = option(100, "edits per lifelong step, each solved on the model edited so far "
-                                         "(none = all at once)", low=1)
-    batch_size: int = option(10, "requests per forward/backward pass", low=1)
 
 
 def default_ultraedit_targets(model: nn.Module) -> list[str]:
