@@ -96,10 +96,6 @@ def validate(name: str, requests: Sequence[EditRequest] | None = None, config: A
     asked = expand_names(targets)
     chosen = asked if targets is not None else cache_targets
     if name in KEY_VALUE and chosen is not None:
-        if cache_targets is not None:
-            missing = [t for t in chosen if t not in cache_targets]
-            if missing:
-                raise CrispEditError(f"target(s) {missing} are not in {where}, which covers {cache_targets}")
         model_type = (record or {}).get("model", {}).get("model_type")
         try:
             check_down_projections(name, chosen, model_type)
@@ -107,6 +103,10 @@ def validate(name: str, requests: Sequence[EditRequest] | None = None, config: A
             if targets is not None:
                 raise
             raise CrispEditError(f"{where} targets {cache_targets}: {e}") from None
+        if cache_targets is not None:
+            missing = [t for t in chosen if t not in cache_targets]
+            if missing:
+                raise CrispEditError(f"target(s) {missing} are not in {where}, which covers {cache_targets}")
     if name == "memit" and record is not None and "counts" in record:
         sink = cfg.covariance == "all_tokens"
         for t in record["targets"]:
