@@ -168,7 +168,7 @@ def _optimize_group(model, tokenizer, requests, block, prefixes, cfg: ValueSetti
             norm = delta.norm(dim=1)
             scale = torch.where(norm > max_norm, max_norm / norm.clamp_min(1e-30), torch.ones_like(norm))
             delta.mul_(scale[:, None])
-    return Values(init + delta.detach().double(), init, final_loss, final_nll, steps)
+    return Values((init + delta.detach().double()).cpu(), init.cpu(), final_loss, final_nll, steps)  # CPU, as the keys
 
 
 class _Forward:
