@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from crispedit.baselines.config import CONFIGS as BASELINE_CONFIGS
+from crispedit.baselines.config import METHODS as BASELINES
 from crispedit.cli.common import (
     Command,
     UsageError,
@@ -24,8 +26,6 @@ from crispedit.cli.common import (
     format_table,
     given,
 )
-from crispedit.baselines.config import CONFIGS as BASELINE_CONFIGS
-from crispedit.baselines.config import METHODS as BASELINES
 from crispedit.config import EditConfig, Method, RequestsConfig, config_fields
 from crispedit.editing.run import EditJob
 
