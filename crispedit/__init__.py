@@ -9,6 +9,7 @@ The public API, one call per stage, each configured by one config object::
     cur = collect_curvature(model, corpus, CurvatureConfig())          # K-FAC of the default target layers
     res = edit_model(model, tok, load_requests("edits.json"), cur, EditConfig(gamma=0.9))
     res.delta.save("delta/"); res.delta.revert(model)                  # bit-exact revert
+    delta = run_baseline("memit", model, tok, load_requests("edits.json"), cur)  # a baseline: same delta, record
     report = evaluate(model, base, tok, requests, heldout, EvalConfig())
 
 Names are imported lazily, so `import crispedit` (and the `crispedit` command's `--help`) stays instant;
@@ -51,6 +52,7 @@ _EXPORTS = {
     "EditDelta": "crispedit.editing.delta",
     "EditResult": "crispedit.editing.engine",
     "edit_model": "crispedit.editing.run",
+    "run_baseline": "crispedit.baselines.api",  # MEMIT, AlphaEdit, UltraEdit, MEND (configs in crispedit.baselines)
     # evaluation
     "EvalReport": "crispedit.evaluation.report",
     "evaluate": "crispedit.evaluation.runner",
@@ -59,6 +61,7 @@ _EXPORTS = {
 __all__ = sorted([*_EXPORTS, "__version__"])
 
 if TYPE_CHECKING:  # what type checkers and IDEs see
+    from crispedit.baselines.api import run_baseline
     from crispedit.config import CorpusConfig, CurvatureConfig, EditConfig, EvalConfig, Labels, LoadConfig, Method
     from crispedit.curvature.api import Curvature, collect_curvature
     from crispedit.data.corpus import build_corpus

@@ -15,7 +15,10 @@ A run is a JSON object: {"name": ..., "layers": "model.layers.{10-12}.mlp.down_p
 defaults), "method": ..., any other EditConfig field (gamma, lr, epochs, contexts, prefixes, max_kl, ...)}; method
 "none" evaluates the base model itself. A run with "sequential": true edits in chunks of "chunk_size" (default 100)
 with CrispEdit-Seq ("edit_weight" as `crispedit edit --sequential`); its record adds the reliability of each chunk,
-measured after the last one.
+measured after the last one. Methods memit, alphaedit, ultraedit and mend run through `crispedit.baselines.run_baseline`
+(other keys: fields of the method's config, e.g. "mom2_weight", "hypernet"); "sequential" sets their chunk size;
+without "layers" memit/alphaedit edit the model type's default down-projections (the layers a default curvature
+cache covers) with the key covariance selected from --cache, and ultraedit its own gate/up layers.
 """
 
 from __future__ import annotations
@@ -165,13 +168,22 @@ def main() -> None:
             res, budget, delta, targets, chunk_log = None, None, None, None, None
             fields = {k: v for k, v in run.items() if k not in NOT_CONFIG}
             if method in ("memit", "alphaedit", "ultraedit", "mend"):
-                from crispedit.baselines import config_class, run_baseline
+                from crispedit.baselines import NEEDS_CACHE, config_class, run_baseline
 
                 targets = resolve_targets(model, run.get("layers")) if run.get("layers") else None
-                cur = full.select(targets) if targets else None
-                bcfg = config_class(method)(**{k: v for k, v in fields.items() if k != "method"})
+                if targets is None and method in NEEDS_CACHE:  # the layers a default `crispedit curvature` covers
+                    targets = resolve_targets(model, None)
+                covered = targets is not None and all(t in full.targets for t in targets)
+                cur = full.select(targets) if method in NEEDS_CACHE or covered else None
+                bfields = {k: v for k, v in fields.items() if k != "method"}
+                if run.get("sequential"):
+                    bfields["chunk_size"] = int(run.get("chunk_size", 100))
+                bcfg = config_class(method)(**bfields)
                 delta = run_baseline(method, model, tok, requests, cur, bcfg, targets=targets)
                 targets = delta.targets
+                if run.get("sequential"):
+                    chunk_log = [{"n_edits": len(requests[i:i + bcfg.chunk_size])}
+                                 for i in range(0, len(requests), bcfg.chunk_size)]
             elif run.get("sequential"):
                 cfg = EditConfig(**fields)
                 targets = resolve_targets(model, run.get("layers"))

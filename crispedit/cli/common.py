@@ -85,11 +85,14 @@ def _text_type(spec: FieldSpec) -> Callable[[str], Any]:
 
 
 def add_config_options(p: argparse.ArgumentParser, cls: type, *, only: Sequence[str] | None = None,
-                       exclude: Sequence[str] = (), overrides: dict[str, dict[str, Any]] | None = None) -> None:
+                       exclude: Sequence[str] = (), overrides: dict[str, dict[str, Any]] | None = None,
+                       prefix: str | None = None) -> None:
     """One option per documented field of the dataclass `cls` (see `crispedit.config.option`).
 
     The flag is `--field-name` unless the field names another; a field whose default is True gets `--no-...`;
-    `overrides` changes a field's default or metadata for this command only (e.g. another default size)."""
+    `overrides` changes a field's default or metadata for this command only (e.g. another default size);
+    `prefix` puts the config's own fields beside another config's same-named ones (`--memit-seed`, destination
+    `memit_seed`; read them back with the same `prefix`)."""
     for spec in config_fields(cls):
         if not spec.meta.get("cli", True) or spec.name in exclude or (only is not None and spec.name not in only):
             continue
@@ -98,7 +101,12 @@ def add_config_options(p: argparse.ArgumentParser, cls: type, *, only: Sequence[
         spec = FieldSpec(spec.name, spec.kind, spec.optional, spec.many, default, {**spec.meta, **over})
         meta = spec.meta
         flag = meta.get("flag") or "--" + spec.name.replace("_", "-")
-        kw: dict[str, Any] = {"dest": spec.name, "default": default, "help": meta.get("help")}
+        if prefix:
+            flag = f"--{prefix}-{flag[2:]}"
+            meta = {**meta, "aliases": tuple(f"--{prefix}-{a[2:]}" for a in meta.get("aliases", ())),
+                    "const_flags": {f"--{prefix}-{k[2:]}": v for k, v in meta.get("const_flags", {}).items()}}
+        dest = f"{prefix}_{spec.name}" if prefix else spec.name
+        kw: dict[str, Any] = {"dest": dest, "default": default, "help": meta.get("help")}
         if spec.kind is bool and not spec.many:
             names = ["--no-" + flag[2:]] if default is True else [flag, *meta.get("aliases", ())]
             kw["action"] = "store_false" if default is True else "store_true"
@@ -106,7 +114,7 @@ def add_config_options(p: argparse.ArgumentParser, cls: type, *, only: Sequence[
                 kw["help"] = meta.get("off_help") or f"turn off: {meta.get('help')}"
         else:
             names = [flag, *meta.get("aliases", ())]
-            kw["metavar"] = meta.get("metavar")
+            kw["metavar"] = meta.get("metavar") or (spec.name.upper() if prefix else None)
             if issubclass(spec.kind, Choice) and not spec.many:
                 kw["choices"] = tuple(meta.get("cli_choices") or spec.allowed or ())
             else:
@@ -115,7 +123,7 @@ def add_config_options(p: argparse.ArgumentParser, cls: type, *, only: Sequence[
         action.crispedit_field = spec  # type: ignore[attr-defined]
         for const_flag, value in meta.get("const_flags", {}).items():
             shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
-            alias = p.add_argument(const_flag, dest=spec.name, action="store_const", const=value, default=default,
+            alias = p.add_argument(const_flag, dest=dest, action="store_const", const=value, default=default,
                                    help=f"the same as {flag} {shown}")
             alias.crispedit_field = spec  # type: ignore[attr-defined]
 
@@ -301,17 +309,22 @@ def resolve_options(spec: _Spec, typed: argparse.Namespace, command_names: set[s
     return ns
 
 
-def config_from_args(args: argparse.Namespace, cls: type, **fixed: Any) -> Any:
+def _dest(name: str, prefix: str | None) -> str:
+    return f"{prefix}_{name}" if prefix else name
+
+
+def config_from_args(args: argparse.Namespace, cls: type, prefix: str | None = None, **fixed: Any) -> Any:
     """`cls(...)` from the options the command registered for its fields (others keep their defaults)."""
-    values = {s.name: getattr(args, s.name) for s in config_fields(cls) if hasattr(args, s.name)}
+    values = {s.name: getattr(args, _dest(s.name, prefix)) for s in config_fields(cls)
+              if hasattr(args, _dest(s.name, prefix))}
     values.update(fixed)
     return cls(**values)
 
 
-def given(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+def given(args: argparse.Namespace, cls: type, prefix: str | None = None) -> dict[str, Any]:
     """The fields of `cls` the user chose (by flag or config file), e.g. to inherit the rest from a cache."""
     chosen = getattr(args, "_given", set())
-    return {s.name: getattr(args, s.name) for s in config_fields(cls) if s.name in chosen}
+    return {s.name: getattr(args, _dest(s.name, prefix)) for s in config_fields(cls) if _dest(s.name, prefix) in chosen}
 
 
 # ------------------------------------------------------------------------------------------ models
