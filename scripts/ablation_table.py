@@ -23,6 +23,8 @@ COLUMNS = [
 
 
 def load(folder: Path) -> list[dict]:
+    if folder.suffix == ".json" and folder.is_file():  # the rows a previous --json wrote
+        return json.loads(folder.read_text())
     if folder.is_file():  # a JSONL file, one run per line
         return [json.loads(line) for line in folder.read_text().splitlines() if line.strip()]
     out = []
@@ -63,6 +65,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("folder", nargs="+", help="folders of run JSON files or JSONL files")
     p.add_argument("--data", default=None)
+    p.add_argument("--runs", default=None, help="comma list of run names to show, in this order")
     p.add_argument("--json", default=None, help="also write the rows' summaries as JSON")
     a = p.parse_args()
     found: dict = {}
@@ -70,6 +73,10 @@ def main() -> None:
         for r in load(Path(f)):
             found[(r["data"], r["run"]["name"])] = r
     rows = sorted(found.values(), key=lambda r: r["data"])
+    if a.runs:
+        order = a.runs.split(",")
+        rows = sorted([r for r in rows if r["run"]["name"] in order],
+                      key=lambda r: (r["data"], order.index(r["run"]["name"])))
     print(table(rows, a.data))
     if a.json:
         slim = [{"run": r["run"], "data": r["data"], "n": r["n"], "summary": r["summary"], "steps": r.get("steps"),

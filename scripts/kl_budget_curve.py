@@ -3,6 +3,7 @@
 
     python scripts/kl_budget_curve.py --cache CACHE --recipe chosen.json --data cf=PATH:100 \\
         --eps 0.002,0.005,0.01,0.02,0.05 --out runs/kl_budget.jsonl --png docs/results/kl_budget.png
+    python scripts/kl_budget_curve.py --replot runs/kl_budget.jsonl --png docs/results/kl_budget.png
 """
 
 from __future__ import annotations
@@ -18,18 +19,25 @@ import torch
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--cache", required=True)
+    ap.add_argument("--cache")
     ap.add_argument("--recipe", default=None, help="a run JSON (EditConfig fields + layers); default: the defaults")
-    ap.add_argument("--data", required=True, metavar="NAME=PATH:N")
+    ap.add_argument("--data", metavar="NAME=PATH:N")
     ap.add_argument("--eps", default="0.002,0.005,0.01,0.02,0.05")
     ap.add_argument("--heldout", type=int, default=32)
     ap.add_argument("--eval-heldout", type=int, default=32, help="a second held-out sample for the reported KL")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--gen-batch", type=int, default=32)
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out")
     ap.add_argument("--png", default=None)
+    ap.add_argument("--replot", default=None, metavar="JSONL", help="only draw --png from the rows of an earlier run")
     a = ap.parse_args()
+    if a.replot:
+        rows = [json.loads(line) for line in Path(a.replot).read_text().splitlines() if line.strip()]
+        _plot(rows, Path(a.png))
+        return
 
+    if not (a.cache and a.data and a.out):
+        ap.error("--cache, --data and --out are required (unless --replot)")
     from crispedit.curvature.api import Curvature
     from crispedit.data.corpus import build_corpus
     from crispedit.data.readers import load_requests
