@@ -23,11 +23,11 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from crispedit.baselines.common import Timer, WeightEditor, check_requests, chunks, frozen_model
+from crispedit.baselines.common import Timer, WeightEditor, chunks, frozen_model
 from crispedit.baselines.keys import check_subjects, subject_keys
 from crispedit.baselines.config import AlphaEditConfig
 from crispedit.baselines.memit import context_prefixes, key_covariance, locate_then_edit, resolve_cache_targets
-from crispedit.data.records import EditRequest
+from crispedit.data.records import EditRequest, check_requests
 from crispedit.editing.delta import EditDelta
 
 

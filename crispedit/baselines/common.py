@@ -43,18 +43,6 @@ def chunks(items: Sequence[T], size: int | None) -> list[Sequence[T]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def check_requests(requests: Sequence[EditRequest]) -> None:
-    if not requests:
-        raise CrispEditError("no edit requests given")
-    for i, r in enumerate(requests):
-        if not isinstance(r, EditRequest):
-            raise CrispEditError(f"request {i}: expected an EditRequest, got {type(r).__name__}")
-        if not r.prompt.strip():
-            raise CrispEditError(f"request {i} (case_id={r.case_id}): field 'prompt' is empty")
-        if not r.target.strip():
-            raise CrispEditError(f"request {i} (case_id={r.case_id}): field 'target' is empty")
-
-
 class WeightEditor:
     """Holds the base weights of the targets and the running float32 ΔW; writes `base + ΔW` into the model.
 

@@ -12,13 +12,12 @@ sequential variant is the config's `chunk_size`, which the caller sets from the 
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
 from typing import Any
 
-from crispedit.editing.run import DELTA_DIR, MODEL_DIR, OUTPUT_KIND, RUN_RECORD, EditJob, job_inputs
+from crispedit.editing.run import OUTPUT_KIND, EditJob, job_inputs, write_run_folder
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +38,7 @@ def run_baseline_edit(model, tokenizer, method: str, config: Any, job: EditJob, 
     from crispedit.baselines.common import config_json
     from crispedit.curvature.api import Curvature
     from crispedit.data.readers import check_requests_fit, max_positions
-    from crispedit.io import atomic_dir, check_output_folder
-    from crispedit.models.loading import save_model
+    from crispedit.io import check_output_folder
 
     out = Path(out)
     check_output_folder(out, overwrite, OUTPUT_KIND, protected=job_inputs(model, job))
@@ -75,11 +73,6 @@ def run_baseline_edit(model, tokenizer, method: str, config: Any, job: EditJob, 
         "kl_budget": None,
         "seconds_edit": time.perf_counter() - t0,
     }
-    with atomic_dir(out, overwrite=overwrite, kind=OUTPUT_KIND) as tmp:
-        delta.save(tmp / DELTA_DIR)
-        if job.save_model:
-            save_model(model, tokenizer, tmp / MODEL_DIR)
-        record["seconds_total"] = time.perf_counter() - t0
-        (tmp / RUN_RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")
+    write_run_folder(out, delta, record, model, tokenizer, job.save_model, overwrite, t0)
     logger.info("%s edit run written to %s in %.1f s", method, out, record["seconds_total"])
     return record

@@ -32,12 +32,12 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from crispedit.baselines.common import Timer, WeightEditor, check_requests, chunks, frozen_model
+from crispedit.baselines.common import Timer, WeightEditor, chunks, frozen_model
 from crispedit.baselines.keys import block_of, check_down_projections, check_subjects, \
     generate_context_prefixes, layer_number, subject_keys, subject_outputs
 from crispedit.baselines.values import optimize_values
 from crispedit.baselines.config import Covariance, LocateEditConfig, MemitConfig  # noqa: F401 - re-exported
-from crispedit.data.records import EditRequest
+from crispedit.data.records import EditRequest, check_requests
 from crispedit.editing.delta import EditDelta
 from crispedit.errors import CrispEditError
 

@@ -30,15 +30,16 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from crispedit import __version__
-from crispedit.baselines.common import Timer, WeightEditor, check_requests, chunks, frozen_model, next_token_targets, \
+from crispedit.baselines.common import Timer, WeightEditor, chunks, frozen_model, next_token_targets, \
     upcast
 from crispedit.baselines.config import MendConfig
-from crispedit.data.records import EditRequest
+from crispedit.data.records import EditRequest, check_requests
 from crispedit.editing.delta import EditDelta
 from crispedit.errors import CrispEditError
 from crispedit.formatting import PromptFormat, collate, encode_pair
 from crispedit.io import atomic_dir
 from crispedit.models.runtime import pad_id_of
+from crispedit.models.targets import has_layer
 
 FORMAT = "crispedit-mend"
 FORMAT_VERSION = 1
@@ -253,20 +254,12 @@ def check_hypernet_model(record: dict[str, Any], model: nn.Module, where: str) -
     from crispedit.curvature.cache import compare_fingerprints
 
     targets = [t["name"] for t in record["targets"]]
-    missing = [t for t in targets if not _has(model, t)]
+    missing = [t for t in targets if not has_layer(model, t)]
     if missing:
         raise CrispEditError(f"{where}: the model has no layer(s) {missing} that this hypernetwork edits")
     diffs = compare_fingerprints(record["model"], model_fingerprint(model, targets))
     if diffs:
         raise CrispEditError(f"{where} was trained for another model ({'; '.join(diffs)})")
-
-
-def _has(model: nn.Module, name: str) -> bool:
-    try:
-        model.get_submodule(name)
-        return True
-    except AttributeError:
-        return False
 
 
 # ---------------------------------------------------------------------------------------------------- editing

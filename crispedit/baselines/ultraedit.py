@@ -34,10 +34,10 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from crispedit.baselines.common import Timer, WeightEditor, check_requests, chunks, frozen_model, next_token_targets, \
+from crispedit.baselines.common import Timer, WeightEditor, chunks, frozen_model, next_token_targets, \
     upcast
 from crispedit.baselines.config import UltraEditConfig
-from crispedit.data.records import EditRequest
+from crispedit.data.records import EditRequest, check_requests
 from crispedit.editing.delta import EditDelta
 from crispedit.errors import CrispEditError
 from crispedit.formatting import PromptFormat, collate, encode_pair

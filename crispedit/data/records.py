@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Sequence
+
+from crispedit.errors import CrispEditError
 
 
 @dataclass(frozen=True)
@@ -47,3 +49,17 @@ class EditRequest:
             locality=tuple(LocalityPrompt(**x) for x in (d.get("locality") or ())),
             case_id=d.get("case_id"),
         )
+
+
+def check_requests(requests: Sequence[EditRequest]) -> None:
+    """Every request is an EditRequest with a non-empty prompt and target (what every editor and evaluator needs
+    before any model work); the message names the request and field."""
+    if not requests:
+        raise CrispEditError("no edit requests given")
+    for i, r in enumerate(requests):
+        if not isinstance(r, EditRequest):
+            raise CrispEditError(f"request {i}: expected an EditRequest, got {type(r).__name__}")
+        if not r.prompt.strip():
+            raise CrispEditError(f"request {i} (case_id={r.case_id}): field 'prompt' is empty")
+        if not r.target.strip():
+            raise CrispEditError(f"request {i} (case_id={r.case_id}): field 'target' is empty")

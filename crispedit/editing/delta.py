@@ -24,7 +24,7 @@ from torch import nn
 from crispedit import __version__
 from crispedit.errors import CrispEditError
 from crispedit.io import atomic_dir, recover_dir, sha256_file, sha256_json
-from crispedit.models.targets import target_weight
+from crispedit.models.targets import has_layer, target_weight
 
 DELTA_FORMAT = "crispedit-delta"
 DELTA_VERSION = 2  # 2: integrity (file size + sha256, record sha256); version 1 deltas still load
@@ -77,7 +77,7 @@ class EditDelta:
 
     # ------------------------------------------------------------------ apply / revert
     def _check(self, model: nn.Module, key: str, what: str, force: bool) -> None:
-        missing = [n for n in self.targets if not _has(model, n)]
+        missing = [n for n in self.targets if not has_layer(model, n)]
         if missing:
             raise CrispEditError(f"the model has no layer(s) {missing} that this delta edits")
         fp = _fingerprint(model, self.targets)
@@ -186,11 +186,3 @@ def _record_hash(record: dict[str, Any]) -> str:
     integ.pop("record_sha256", None)
     rec["integrity"] = integ
     return sha256_json(rec)
-
-
-def _has(model: nn.Module, name: str) -> bool:
-    try:
-        model.get_submodule(name)
-        return True
-    except AttributeError:
-        return False

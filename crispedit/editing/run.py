@@ -152,7 +152,6 @@ def run_edit(model, tokenizer, job: EditJob, out: str | Path, overwrite: bool = 
     from crispedit.curvature.api import Curvature
     from crispedit.editing.engine import diagnostics as edit_diagnostics
     from crispedit.editing.engine import edit
-    from crispedit.models.loading import save_model
     from crispedit.models.targets import resolve_targets
 
     out = Path(out)
@@ -234,12 +233,7 @@ def run_edit(model, tokenizer, job: EditJob, out: str | Path, overwrite: bool = 
         "kl_budget": budget,
         "seconds_edit": time.perf_counter() - t0,
     }
-    with atomic_dir(out, overwrite=overwrite, kind=OUTPUT_KIND) as tmp:
-        delta.save(tmp / DELTA_DIR)
-        if job.save_model:
-            save_model(model, tokenizer, tmp / MODEL_DIR)
-        record["seconds_total"] = time.perf_counter() - t0
-        (tmp / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    write_run_folder(out, delta, record, model, tokenizer, job.save_model, overwrite, t0)
     logger.info("edit run written to %s in %.1f s", out, record["seconds_total"])
     return record
 
@@ -262,3 +256,17 @@ def apply_kl_budget(model, tokenizer, delta, cfg: EditConfig, curvature=None) ->
     cert["corpus"] = heldout.describe()
     delta.record["kl_budget"] = cert
     return cert
+
+
+def write_run_folder(out: str | Path, delta, record: dict[str, Any], model, tokenizer, with_model: bool,
+                     overwrite: bool, t0: float) -> None:
+    """The output folder of one edit run, written in one crash-safe step whatever the method: OUT/delta/,
+    OUT/model/ (when `with_model`) and OUT/run.json (`record` plus the total seconds since `t0`)."""
+    from crispedit.models.loading import save_model
+
+    with atomic_dir(out, overwrite=overwrite, kind=OUTPUT_KIND) as tmp:
+        delta.save(tmp / DELTA_DIR)
+        if with_model:
+            save_model(model, tokenizer, tmp / MODEL_DIR)
+        record["seconds_total"] = time.perf_counter() - t0
+        (tmp / RUN_RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from crispedit.data.records import EditRequest
+from crispedit.data.records import EditRequest, check_requests
 from crispedit.errors import CrispEditError
 from crispedit.evaluation.generation import DEFAULT_STOP_STRINGS, generate_greedy_ids, pad_id_of
 from crispedit.evaluation.judges import Judge
@@ -68,13 +68,9 @@ def _macro(per_request: list[list[float]]) -> float | None:
 
 
 def _validate(requests: Sequence[EditRequest], contexts: Sequence[str], tokenizer) -> None:
+    if requests:  # an evaluation without edit requests is allowed (capability only)
+        check_requests(requests)
     for i, r in enumerate(requests):
-        if not isinstance(r, EditRequest):
-            raise CrispEditError(f"request {i}: expected an EditRequest, got {type(r).__name__}")
-        if not r.prompt.strip():
-            raise CrispEditError(f"request {i} (case_id={r.case_id}): field 'prompt' is empty")
-        if not r.target.strip():
-            raise CrispEditError(f"request {i} (case_id={r.case_id}): field 'target' is empty")
         for j, q in enumerate(r.rephrases):
             if not q.strip():
                 raise CrispEditError(f"request {i} (case_id={r.case_id}): field 'rephrases[{j}]' is empty")

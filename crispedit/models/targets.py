@@ -97,6 +97,15 @@ def as_weight_matrix(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
     return t.T if isinstance(module, Conv1D) else t
 
 
+def has_layer(model: nn.Module, name: str) -> bool:
+    """Whether `model` has a submodule called `name` (a record's targets checked against a model)."""
+    try:
+        model.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
+
+
 def target_weight(model: nn.Module, name: str) -> torch.Tensor:
     """`weight_matrix` of the layer at module path `name`."""
     return weight_matrix(model.get_submodule(name))
