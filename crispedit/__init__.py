@@ -10,6 +10,8 @@ The public API, one call per stage, each configured by one config object::
     res = edit_model(model, tok, load_requests("edits.json"), cur, EditConfig(gamma=0.9))
     res.delta.save("delta/"); res.delta.revert(model)                  # bit-exact revert
     delta = run_baseline("memit", model, tok, load_requests("edits.json"), cur)  # a baseline: same delta, record
+    res = edit_model(model, tok, requests, cur, MemitConfig())        # the same, through edit_model
+                                                                       # (configs: crispedit.baselines.config)
     report = evaluate(model, base, tok, requests, heldout, EvalConfig())
 
 Names are imported lazily, so `import crispedit` (and the `crispedit` command's `--help`) stays instant;

@@ -109,6 +109,15 @@ class LossReduction(Choice):
     SEQUENCE = "sequence"
 
 
+class EditPositions(Choice):
+    """Where the edited weights' change acts while the edit is trained: at every token, or only at the subject's
+    tokens (ROME/MEMIT's key: the subject's representation carries the fact, the template's does not)."""
+
+    ALL = "all"
+    SUBJECT = "subject"
+    SUBJECT_LAST = "subject-last"
+
+
 class DType(Choice):
     FLOAT32 = "float32"
     BFLOAT16 = "bfloat16"
@@ -534,6 +543,10 @@ class EditConfig(ConfigBase):
                              "swapped for another request's, trained to keep the base model's next-token "
                              "distribution (top-k) after the prompt", low=0)
     anchor_weight: float = option(1.0, "weight of the anchors' KL term in the edit loss", low=0.0)
+    edit_positions: EditPositions = option(EditPositions.ALL, "where the change of the edited weights acts during "
+                                           "training: all tokens; subject: the subject's tokens only (requests "
+                                           "without a subject found in the prompt use all); subject-last: the "
+                                           "subject's last token")
     seed: int = option(0, "seed of the request order and the prefixes")
     cache_prefix: bool = option(True, "cache the hidden states below the first target (exact; faster)",
                                 off_help="run the whole forward at every step")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
 from baselines_tiny import REQUESTS, TARGETS, tiny_curvature, tiny_model
 
 from crispedit.baselines import METHODS, config_class, run_baseline, validate
@@ -109,3 +110,26 @@ def test_layer_helpers():
     assert is_down_projection("transformer.h.3.mlp.c_proj")
     assert not is_down_projection("model.layers.12.mlp.up_proj", "llama")
     assert not is_down_projection("transformer.h.3.mlp.c_proj", "llama")
+
+
+def test_edit_model_with_a_baseline_config_is_run_baseline(byte_bpe_tokenizer):
+    """`edit_model(..., config=MemitConfig(...))` makes the same edit as `run_baseline("memit", ...)`, bit for bit,
+    and returns it as an EditResult whose delta reverts the model."""
+    from crispedit import edit_model
+    from crispedit.baselines.config import MemitConfig
+
+    cfg = MemitConfig(v_steps=3, context_prefixes=0)
+    a = tiny_model(byte_bpe_tokenizer)
+    cur = tiny_curvature(a, byte_bpe_tokenizer)
+    before = {k: v.clone() for k, v in a.state_dict().items()}
+    res = edit_model(a, byte_bpe_tokenizer, REQUESTS, cur, cfg)
+    b = tiny_model(byte_bpe_tokenizer)
+    delta = run_baseline("memit", b, byte_bpe_tokenizer, REQUESTS, cur, cfg)
+    assert res.stopped == "closed-form" and res.steps == 0
+    assert set(res.delta.deltas) == set(delta.deltas) == set(TARGETS)
+    for n in TARGETS:
+        assert res.delta.deltas[n].abs().max() > 0 and torch.equal(res.delta.deltas[n], delta.deltas[n])
+    res.delta.revert(a)
+    assert all(torch.equal(before[k], v) for k, v in a.state_dict().items())
+    with pytest.raises(CrispEditError, match="takes an EditConfig or a baseline config"):
+        edit_model(a, byte_bpe_tokenizer, REQUESTS, cur, object())

@@ -175,3 +175,22 @@ def test_anchor_kl_is_zero_at_the_base_and_holds_the_anchors_closer(byte_bpe_tok
             return float(k.step(len(pairs)))
 
     assert anchor_kl_after(2) < 0.5 * anchor_kl_after(0)
+
+
+def test_subject_positions_spell_the_subject_in_every_variant(chat_tok):
+    """The positions recorded for each training sequence decode to exactly the subject (not a copy of it in a
+    prefix), under raw, qa, chat and a prefix that itself names the subject."""
+    req = EditRequest("The mother tongue of Danielle Darrieux is", "English", subject="Danielle Darrieux")
+    prefix = "Danielle Darrieux was here."
+    seqs = training_sequences(chat_tok, [req], contexts=("raw", "qa", "chat"), prefixes=[prefix],
+                              prefixes_per_request=1)
+    assert [s.variant for s in seqs] == ["raw", "qa", "chat", "prefix:0"]
+    for s in seqs:
+        pos = s.subject_positions
+        assert pos is not None and list(pos) == list(range(pos[0], pos[-1] + 1))
+        assert chat_tok.decode([s.pair.input_ids[i] for i in pos]).strip() == "Danielle Darrieux"
+        # the part after the subject is the prompt's rest: the match is the prompt's subject, not the prefix's
+        assert chat_tok.decode(s.pair.input_ids[pos[-1] + 1:len(s.pair.input_ids) - len(
+            [x for x in s.pair.labels if x != -100])]).startswith(" is")
+    no_subject = training_sequences(chat_tok, [EditRequest("Who wrote Hamlet?", "Marlowe", subject="Goethe")])
+    assert no_subject[0].subject_positions is None

@@ -175,3 +175,53 @@ def test_epoch_batches_cover_every_sequence_once_and_group_lengths():
 
     assert padding(grouped) < 0.5 * padding(plain)
     assert grouped == epoch_batches(lengths, 8, torch.Generator().manual_seed(1), window=4)  # seeded
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_active_positions_confine_the_change_and_its_gradient(kind):
+    """With `active` positions the targets act with their base weights elsewhere: the loss and the gradient equal an
+    independent oracle out = W0·x + mask·(ΔW·x), with ΔW a leaf (float64); with no change the loss is the plain one."""
+    from crispedit.models.targets import weight_matrix
+
+    model, targets, pairs = _llama(kind), TARGETS[kind], _pairs()
+    active = [(1, 3), None, (0,), (2, 4, 5), None, (1,), (0, 1)]
+    base = {n: weight_matrix(model.get_submodule(n)).detach().clone() for n in targets}
+    fwd = EditForward(model, targets, pairs, pad_id=0, active=active, base_weights=base)
+    plain = EditForward(model, targets, pairs, pad_id=0, cache_prefix=False, logits_at_targets=False)
+    idx = [0, 1, 2, 3, 5]
+    assert torch.allclose(_loss_and_grads(model, targets, fwd, idx)[0], _loss_and_grads(model, targets, plain, idx)[0],
+                          rtol=1e-12, atol=1e-12)
+    torch.manual_seed(1)
+    changes = {n: 0.3 * torch.randn_like(b) for n, b in base.items()}
+    with torch.no_grad():
+        for n in targets:
+            weight_matrix(model.get_submodule(n)).copy_(base[n] + changes[n])
+    nll, _, grads = _loss_and_grads(model, targets, fwd, idx)
+
+    # the oracle: base weights in the modules, the change added through a mask by hooks, gradient w.r.t. the change
+    with torch.no_grad():
+        for n in targets:
+            weight_matrix(model.get_submodule(n)).copy_(base[n])
+    leaves = {n: c.clone().requires_grad_(True) for n, c in changes.items()}
+    length = max(len(pairs[i].input_ids) for i in idx)
+    mask = torch.zeros(len(idx), length, dtype=torch.float64)
+    for r, i in enumerate(idx):
+        if active[i] is None:
+            mask[r] = 1
+        else:
+            mask[r, list(active[i])] = 1
+    hooks = [model.get_submodule(n).register_forward_hook(
+        lambda m, a, out, n=n: out + mask[..., None] * torch.nn.functional.linear(a[0], leaves[n])) for n in targets]
+    try:
+        ref = EditForward(model, targets, pairs, pad_id=0, cache_prefix=False, logits_at_targets=False, check=False)
+        ref_nll, _ = ref.token_nll(idx)
+        ref_grads = torch.autograd.grad(ref_nll.mean(), [leaves[n] for n in targets])
+    finally:
+        for h in hooks:
+            h.remove()
+    assert torch.allclose(nll, ref_nll.detach(), rtol=1e-10, atol=1e-12)
+    for n, g, rg in zip(targets, grads, ref_grads):
+        gm = g.T if g.shape != rg.shape else g
+        assert rg.norm() > 0 and torch.allclose(gm, rg, rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="one entry per sequence"):
+        EditForward(model, targets, pairs, pad_id=0, active=active[:2], base_weights=base)

@@ -239,3 +239,27 @@ def test_sequential_edit_weight_counts_edit_tokens_k_times(setup, tmp_path):
     assert grown[4] == 4 * grown[1] > 0
     with pytest.raises(CrispEditError, match="positive integer"):
         SequentialEditor.create(tmp_path / "bad", model, cur, cfg, edit_weight=0)
+
+
+def test_subject_positions_train_the_change_only_through_the_subject(setup, caplog):
+    """edit_positions="subject": the change acts at the subject's tokens only while training. The last layer's
+    MLP output at the subject's tokens reaches no target position (no attention above it), so that layer's delta
+    stays exactly zero while the layer below, whose output later attention reads, carries the edit. A request
+    without a subject found in its prompt trains at every token (and says so)."""
+    model, tok, cur = setup
+    subjects = ["France", "The Eiffel Tower", "Danielle Darrieux", "The Colosseum"]
+    reqs = [dataclasses.replace(r, subject=s) for r, s in zip(REQUESTS, subjects)]
+    cfg = EditConfig(method="ft", lr=2e-2, epochs=20, batch_size=4, contexts=("raw",), prefixes=0,
+                     edit_positions="subject")
+    res = edit(model, tok, reqs, TARGETS, cfg, curvature=None, progress=False)
+    assert res.delta.record["edit_positions"] == {"sequences_with_subject": 4, "sequences": 4}
+    assert torch.count_nonzero(res.delta.deltas[TARGETS[1]]) == 0
+    assert res.delta.deltas[TARGETS[0]].norm() > 0 and res.epoch_losses[-1] < 0.75 * res.epoch_losses[0]
+    res.delta.revert(model)
+
+    reqs[0] = dataclasses.replace(reqs[0], subject="Germany")  # not in its prompt
+    with caplog.at_level("WARNING", logger="crispedit.editing.engine"):
+        res = edit(model, tok, reqs, TARGETS, dataclasses.replace(cfg, epochs=2), curvature=None, progress=False)
+    assert "not found in 1 of 4" in caplog.text
+    assert res.delta.deltas[TARGETS[1]].norm() > 0
+    res.delta.revert(model)

@@ -23,7 +23,7 @@ import torch
 
 from crispedit.data.records import EditRequest
 from crispedit.evaluation.text import normalize_answer
-from crispedit.formatting import EncodedPair, PromptFormat, encode_pair, encode_prompt
+from crispedit.formatting import EncodedPair, PromptFormat, encode_pair, encode_prompt, render_prompt
 
 # ROME's openings for its context templates (Meng et al. 2022): generic starts that lead anywhere.
 PREFIX_OPENINGS = ("The", "Therefore", "Because", "I", "You")
@@ -36,6 +36,30 @@ class TrainingSequence:
     request: int
     variant: str
     pair: EncodedPair
+    subject_positions: tuple[int, ...] | None = None  # the subject's token positions in pair.input_ids
+
+
+def subject_token_positions(tokenizer, prompt: str, subject: str | None, fmt: PromptFormat,
+                            search_from: int = 0) -> tuple[int, ...] | None:
+    """Positions of the tokens that spell `subject` (its first occurrence in `prompt` at or after `search_from`)
+    in `encode_prompt(tokenizer, prompt, fmt)`; None when there is no subject, it is not in the prompt, or the
+    tokenizer cannot map tokens to characters (a slow tokenizer)."""
+    if not subject:
+        return None
+    at = prompt.find(subject, search_from)
+    text = render_prompt(tokenizer, prompt, fmt)
+    where = text.rfind(prompt)
+    if at < 0 or where < 0:
+        return None
+    start, end = where + at, where + at + len(subject)
+    try:
+        enc = tokenizer(text, add_special_tokens=fmt.context != "chat", return_offsets_mapping=True)
+    except (NotImplementedError, ValueError, TypeError):
+        return None
+    if list(enc["input_ids"]) != encode_prompt(tokenizer, prompt, fmt):
+        return None
+    pos = tuple(t for t, (a, b) in enumerate(enc["offset_mapping"]) if b > a and a < end and b > start)
+    return pos or None
 
 
 def generate_prefixes(model, tokenizer, n: int, max_new_tokens: int = 10, seed: int = 0) -> list[str]:
@@ -104,10 +128,14 @@ def training_sequences(tokenizer, requests: Sequence[EditRequest], contexts: Seq
     out: list[TrainingSequence] = []
     for i, r in enumerate(requests):
         for ctx in contexts:
-            out.append(TrainingSequence(i, ctx, encode_pair(tokenizer, r.prompt, r.target, PromptFormat(ctx))))
+            fmt = PromptFormat(ctx)
+            out.append(TrainingSequence(i, ctx, encode_pair(tokenizer, r.prompt, r.target, fmt),
+                                        subject_token_positions(tokenizer, r.prompt, r.subject, fmt)))
         for j in rng.sample(range(len(prefixes)), prefixes_per_request):
-            pair = encode_pair(tokenizer, with_prefix(prefixes[j], r.prompt), r.target, PromptFormat("raw"))
-            out.append(TrainingSequence(i, f"prefix:{j}", pair))
+            text = with_prefix(prefixes[j], r.prompt)
+            pair = encode_pair(tokenizer, text, r.target, PromptFormat("raw"))
+            pos = subject_token_positions(tokenizer, text, r.subject, PromptFormat("raw"), len(prefixes[j]) + 1)
+            out.append(TrainingSequence(i, f"prefix:{j}", pair, pos))
     return out
 
 

@@ -87,8 +87,9 @@ def edit(model: nn.Module, tokenizer, requests: Sequence[EditRequest], targets: 
     gen = torch.Generator().manual_seed(cfg.seed)
     anchors = anchor_prompts(tokenizer, requests, contexts, cfg.anchors, cfg.seed) if cfg.anchors else []
     pairs = [s.pair for s in seqs] + [EncodedPair(list(a.prompt_ids), []) for a in anchors]
+    active = training_positions(seqs, cfg.edit_positions, len(anchors))
     fwd = EditForward(model, targets, pairs, pad_id, cache_prefix=cfg.cache_prefix,
-                      logits_at_targets=cfg.target_logits)
+                      logits_at_targets=cfg.target_logits, active=active, base_weights=base if active else None)
     anchor_kl = AnchorKL(fwd, range(len(seqs), len(pairs)), gen) if anchors else None
 
     params = {n: m.weight for n, m in modules.items()}
@@ -177,6 +178,8 @@ def edit(model: nn.Module, tokenizer, requests: Sequence[EditRequest], targets: 
         training_sequences=len(seqs),
         prefixes=prefixes,
         anchors={"n": len(anchors), "kl_per_step": anchor_losses} if anchors else None,
+        edit_positions=None if active is None else {
+            "sequences_with_subject": sum(a is not None for a in active[:len(seqs)]), "sequences": len(seqs)},
     )
     delta = EditDelta.from_base(model, base, deltas, rec)
     diag = diagnostics(delta.deltas, curvature, cfg)
@@ -185,6 +188,21 @@ def edit(model: nn.Module, tokenizer, requests: Sequence[EditRequest], targets: 
                 epoch_losses[-1] if epoch_losses else math.nan, seconds)
     return EditResult(delta, step_losses, epoch_losses, request_losses, step_seconds, step, len(epoch_losses),
                       stopped, seconds, diag)
+
+
+def training_positions(seqs: Sequence[Any], where: str, n_extra: int = 0) -> list[tuple[int, ...] | None] | None:
+    """Per training sequence (then `n_extra` others, always whole), where the change acts: None = everywhere
+    (`where` all, or the subject was not found in that sequence)."""
+    if where == "all":
+        return None
+    pos = [s.subject_positions for s in seqs]
+    if where == "subject-last":
+        pos = [p[-1:] if p else None for p in pos]
+    missing = sum(p is None for p in pos)
+    if missing:
+        logger.warning("edit positions %s: the subject was not found in %d of %d training sequence(s); the change "
+                       "acts at every token there", where, missing, len(pos))
+    return pos + [None] * n_extra
 
 
 class AnchorKL:

@@ -113,13 +113,24 @@ class EditForward:
         pad_id: padding token id (padding is masked, so any id is sound).
         cache_prefix / logits_at_targets: switch each saving off (the plain forward is used for what is off).
         check: compare with the plain forward on a few sequences when built (falls back on a mismatch).
+        active: per sequence, the positions where the targets' change from `base_weights` acts in `token_nll`
+            (None for a sequence, or for all: every position). Elsewhere a target outputs what its base weights
+            would, so the loss's gradient comes from the active positions only; `last_logits` always uses the
+            whole change (it measures the edited model as it will run).
+        base_weights: the targets' weights before the edit ([out, in] matrices), needed with `active`.
     """
 
     def __init__(self, model: nn.Module, targets: Sequence[str], pairs: Sequence[EncodedPair], pad_id: int,
                  cache_prefix: bool = True, logits_at_targets: bool = True, check: bool = True,
-                 prefix_batch_size: int = 32):
+                 prefix_batch_size: int = 32, active: Sequence[Sequence[int] | None] | None = None,
+                 base_weights: dict[str, torch.Tensor] | None = None):
         self.model = model
         self.pairs = list(pairs)
+        if active is not None and (len(active) != len(self.pairs) or base_weights is None):
+            raise ValueError("`active` needs one entry per sequence and the targets' base weights")
+        self.active = None if active is None or all(a is None for a in active) else list(active)
+        self.base_weights = dict(base_weights or {})
+        self.targets = list(targets)
         self.pad_id = int(pad_id)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
@@ -157,7 +168,7 @@ class EditForward:
         sel = labels[:, 1:] != -100  # position t is scored when token t+1 is a target token
         tgt = labels[:, 1:][sel]
         rows = sel.nonzero()[:, 0]
-        with self._prefix_hidden(idx, batch["input_ids"].shape[1]):
+        with self._prefix_hidden(idx, batch["input_ids"].shape[1]), self._active_only(idx, labels.shape[1]):
             if self.logits_at_targets:
                 base = getattr(self.model, "base_model", self.model)
                 hidden = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -186,6 +197,34 @@ class EditForward:
                 logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                     use_cache=False).logits[rows, last]
         return logits.float()
+
+    # ------------------------------------------------------------------ where the change acts
+    @contextlib.contextmanager
+    def _active_only(self, idx: Sequence[int], length: int) -> Iterator[None]:
+        """Within the block, each target's output at an inactive position is its base weights' output."""
+        if self.active is None:
+            yield
+            return
+        from crispedit.models.targets import as_weight_matrix
+
+        mask = torch.ones(len(idx), length, dtype=torch.bool, device=self.device)
+        for r, i in enumerate(idx):
+            if self.active[i] is not None:
+                mask[r] = False
+                mask[r, list(self.active[i])] = True
+
+        def hook(name):
+            def keep_base(module, args, out):
+                change = as_weight_matrix(module, module.weight) - self.base_weights[name].to(out.dtype)
+                return torch.where(mask[..., None], out, out - nn.functional.linear(args[0], change))
+            return keep_base
+
+        handles = [self.model.get_submodule(n).register_forward_hook(hook(n)) for n in self.targets]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
 
     # ------------------------------------------------------------------ frozen prefix
     def _layers(self) -> nn.ModuleList:

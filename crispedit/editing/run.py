@@ -91,7 +91,9 @@ def edit_model(model, tokenizer, requests: Sequence[EditRequest], curvature: "Cu
         requests: the edit requests (`load_requests(path)`).
         curvature: the capability curvature (`collect_curvature` or `Curvature.load`); the edit targets are its
             targets. Needed by every method but `ft`.
-        config: the hyper-parameters (default `EditConfig()`: CrispEdit, γ 0.9, lr 5e-3).
+        config: the hyper-parameters (default `EditConfig()`: CrispEdit, γ 0.9, lr 5e-3), or a closed-form
+            baseline's config (`crispedit.baselines.config`: `MemitConfig()`, `AlphaEditConfig()`, ...), which runs
+            that method through `run_baseline` (the result then has no step losses).
         targets: the layers to edit without a curvature (FT; default: the model type's); with a curvature it
             must select the curvature's targets.
         allow_mismatch: use a curvature computed for other weights.
@@ -105,6 +107,8 @@ def edit_model(model, tokenizer, requests: Sequence[EditRequest], curvature: "Cu
     from crispedit.editing.engine import edit
     from crispedit.models.targets import resolve_targets
 
+    if config is not None and not isinstance(config, EditConfig):
+        return _edit_with_baseline(model, tokenizer, requests, curvature, config, targets, progress)
     cfg = config if config is not None else EditConfig()
     _check_context(tokenizer, cfg)
     fingerprint = None
@@ -121,6 +125,22 @@ def edit_model(model, tokenizer, requests: Sequence[EditRequest], curvature: "Cu
             fingerprint = curvature.check_model(model)["weights_sha256"]
     return edit(model, tokenizer, requests, names, cfg, curvature=curvature, progress=progress,
                 base_fingerprint=fingerprint)
+
+
+def _edit_with_baseline(model, tokenizer, requests, curvature, config, targets, progress) -> "EditResult":
+    """`edit_model` with a baseline's config: the same in-place edit and delta, as an `EditResult`."""
+    from crispedit.baselines.api import run_baseline
+    from crispedit.baselines.config import CONFIGS
+    from crispedit.editing.engine import EditResult
+
+    name = next((n for n, cls in CONFIGS.items() if type(config) is cls), None)
+    if name is None:
+        raise CrispEditError(f"edit_model takes an EditConfig or a baseline config ({', '.join(sorted(CONFIGS))}); "
+                             f"got {type(config).__name__}")
+    t0 = time.perf_counter()
+    delta = run_baseline(name, model, tokenizer, requests, curvature, config, targets=targets, progress=progress)
+    return EditResult(delta, [], [], [], [], 0, 0, "closed-form", time.perf_counter() - t0,
+                      dict(delta.record.get("diagnostics") or {}))
 
 
 def check_edit_output(out: str | Path, force: bool, inputs: Sequence[Any] = ()) -> None:
