@@ -513,7 +513,10 @@ class EditConfig(ConfigBase):
     Defaults: the paper's Table 2 (Adam, batch 32, ≤25 epochs, stop when the epoch-mean edit loss < 0.01)
     except γ = 0.9 and lr = 5e-3, measured on the embedded model (README, results): with Adam in the masked
     eigenbasis every kept coordinate moves ~lr per step, and at lr 1e-3 / γ 0.99 a 25-step budget barely
-    lowers the edit loss (12.5 → 10.6 on 20 CounterFact edits, 0 % reliability).
+    lowers the edit loss (12.5 → 10.6 on 20 CounterFact edits, 0 % reliability). The change acts at the
+    subject's last token while training (`edit_positions`): at every token, the edit also rewrote how the model
+    answers any question in the trained contexts (first-token locality 0.05 against 0.80 in the QA context, 20
+    CounterFact edits; README, results).
 
     A new hyper-parameter is one more field here (`option(default, help, ...)`): validation, the CLI flag
     of `crispedit edit`, config-file keys and the delta record follow from it."""
@@ -543,10 +546,10 @@ class EditConfig(ConfigBase):
                              "swapped for another request's, trained to keep the base model's next-token "
                              "distribution (top-k) after the prompt", low=0)
     anchor_weight: float = option(1.0, "weight of the anchors' KL term in the edit loss", low=0.0)
-    edit_positions: EditPositions = option(EditPositions.ALL, "where the change of the edited weights acts during "
-                                           "training: all tokens; subject: the subject's tokens only (requests "
-                                           "without a subject found in the prompt use all); subject-last: the "
-                                           "subject's last token")
+    edit_positions: EditPositions = option(EditPositions.SUBJECT_LAST, "where the change of the edited weights "
+                                           "acts during training: subject-last: the subject's last token (ROME/"
+                                           "MEMIT's key); subject: all of the subject's tokens; all: every token. "
+                                           "A request whose subject is not in its prompt trains at every token")
     seed: int = option(0, "seed of the request order and the prefixes")
     cache_prefix: bool = option(True, "cache the hidden states below the first target (exact; faster)",
                                 off_help="run the whole forward at every step")
