@@ -118,6 +118,16 @@ class EncodedPair:
         return [-100] * len(self.prompt_ids) + self.target_ids
 
 
+def span_tokens(tokenizer, text: str, span: tuple[int, int], add_special_tokens: bool = True
+                ) -> tuple[list[int], tuple[int, ...]]:
+    """Token ids of `text` and the positions of the tokens overlapping its character span `[start, end)` (the
+    last one holds the span's last character). Needs a fast tokenizer: a slow one raises NotImplementedError."""
+    enc = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+    start, end = span
+    pos = tuple(t for t, (a, b) in enumerate(enc["offset_mapping"]) if b > a and a < end and b > start)
+    return list(enc["input_ids"]), pos
+
+
 def encode_pair(tokenizer, prompt: str, target: str, fmt: PromptFormat = PromptFormat(),
                 add_eos: bool = True) -> EncodedPair:
     return EncodedPair(encode_prompt(tokenizer, prompt, fmt), encode_target(tokenizer, prompt, target, fmt, add_eos))

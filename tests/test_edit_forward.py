@@ -180,8 +180,9 @@ def test_epoch_batches_cover_every_sequence_once_and_group_lengths():
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_active_positions_confine_the_change_and_its_gradient(kind):
     """With `active` positions the targets act with their base weights elsewhere: the loss and the gradient equal an
-    independent oracle out = W0·x + mask·(ΔW·x), with ΔW a leaf (float64); with no change the loss is the plain one."""
-    from crispedit.models.targets import weight_matrix
+    independent oracle out = W0·x + mask·(ΔW·x), with ΔW a leaf (float64); with no change the loss is the plain
+    one."""
+    from crispedit.models.targets import as_weight_matrix, weight_matrix
 
     model, targets, pairs = _llama(kind), TARGETS[kind], _pairs()
     active = [(1, 3), None, (0,), (2, 4, 5), None, (1,), (0, 1)]
@@ -221,7 +222,7 @@ def test_active_positions_confine_the_change_and_its_gradient(kind):
             h.remove()
     assert torch.allclose(nll, ref_nll.detach(), rtol=1e-10, atol=1e-12)
     for n, g, rg in zip(targets, grads, ref_grads):
-        gm = g.T if g.shape != rg.shape else g
+        gm = as_weight_matrix(model.get_submodule(n), g)  # Conv1D keeps its weight as [in, out]
         assert rg.norm() > 0 and torch.allclose(gm, rg, rtol=1e-9, atol=1e-12)
     with pytest.raises(ValueError, match="one entry per sequence"):
         EditForward(model, targets, pairs, pad_id=0, active=active[:2], base_weights=base)

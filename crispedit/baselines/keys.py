@@ -22,7 +22,7 @@ from torch import nn
 
 from crispedit.data.records import EditRequest
 from crispedit.errors import CrispEditError
-from crispedit.formatting import collate, encode_target, PromptFormat
+from crispedit.formatting import collate, encode_target, PromptFormat, span_tokens
 from crispedit.models.runtime import pad_id_of
 from crispedit.models.targets import DEFAULT_TARGETS
 
@@ -107,14 +107,13 @@ def locate(tokenizer, prefix: str, prompt: str, span: tuple[int, int]) -> Locate
     character (`span` is the subject's character span in `prompt`)."""
     text = prefix + prompt
     try:
-        enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+        ids, pos = span_tokens(tokenizer, text, (len(prefix) + span[0], len(prefix) + span[1]))
     except NotImplementedError:
         raise CrispEditError("subject-based methods need a fast tokenizer (character offsets)") from None
-    last_char = len(prefix) + span[1] - 1
-    for i, (a, b) in enumerate(enc["offset_mapping"]):
-        if a <= last_char < b:
-            return Located(list(enc["input_ids"]), i)
-    raise CrispEditError(f"no token covers character {last_char} of {text!r} (the subject's last character)")
+    if not pos:
+        raise CrispEditError(f"no token covers character {len(prefix) + span[1] - 1} of {text!r} (the subject's "
+                             "last character)")
+    return Located(ids, pos[-1])
 
 
 def generate_context_prefixes(model: nn.Module, tokenizer, n_per_start: int = 1, length: int = 10,

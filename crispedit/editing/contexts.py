@@ -23,7 +23,7 @@ import torch
 
 from crispedit.data.records import EditRequest
 from crispedit.evaluation.text import normalize_answer
-from crispedit.formatting import EncodedPair, PromptFormat, encode_pair, encode_prompt, render_prompt
+from crispedit.formatting import EncodedPair, PromptFormat, encode_pair, encode_prompt, render_prompt, span_tokens
 
 # ROME's openings for its context templates (Meng et al. 2022): generic starts that lead anywhere.
 PREFIX_OPENINGS = ("The", "Therefore", "Because", "I", "You")
@@ -39,27 +39,23 @@ class TrainingSequence:
     subject_positions: tuple[int, ...] | None = None  # the subject's token positions in pair.input_ids
 
 
-def subject_token_positions(tokenizer, prompt: str, subject: str | None, fmt: PromptFormat,
-                            search_from: int = 0) -> tuple[int, ...] | None:
-    """Positions of the tokens that spell `subject` (its first occurrence in `prompt` at or after `search_from`)
-    in `encode_prompt(tokenizer, prompt, fmt)`; None when there is no subject, it is not in the prompt, or the
-    tokenizer cannot map tokens to characters (a slow tokenizer)."""
-    if not subject:
-        return None
-    at = prompt.find(subject, search_from)
-    text = render_prompt(tokenizer, prompt, fmt)
-    where = text.rfind(prompt)
+def subject_token_positions(tokenizer, text: str, subject: str | None, fmt: PromptFormat, prompt_ids: Sequence[int],
+                            prompt_start: int = 0) -> tuple[int, ...] | None:
+    """Positions of the tokens that spell `subject` in `prompt_ids` (= `encode_prompt(tokenizer, text, fmt)`): its
+    last occurrence in `text[prompt_start:]`, the request's own prompt (a prefix before it may name the subject
+    too), as MEMIT locates it. None when there is no subject, it is not in the prompt, or the tokenizer cannot map
+    tokens to characters (a slow tokenizer)."""
+    at = text.rfind(subject, prompt_start) if subject else -1
+    rendered = render_prompt(tokenizer, text, fmt)
+    where = rendered.rfind(text)
     if at < 0 or where < 0:
         return None
-    start, end = where + at, where + at + len(subject)
     try:
-        enc = tokenizer(text, add_special_tokens=fmt.context != "chat", return_offsets_mapping=True)
-    except (NotImplementedError, ValueError, TypeError):
+        ids, pos = span_tokens(tokenizer, rendered, (where + at, where + at + len(subject)),
+                               add_special_tokens=fmt.context != "chat")
+    except NotImplementedError:
         return None
-    if list(enc["input_ids"]) != encode_prompt(tokenizer, prompt, fmt):
-        return None
-    pos = tuple(t for t, (a, b) in enumerate(enc["offset_mapping"]) if b > a and a < end and b > start)
-    return pos or None
+    return pos if pos and ids == list(prompt_ids) else None
 
 
 def generate_prefixes(model, tokenizer, n: int, max_new_tokens: int = 10, seed: int = 0) -> list[str]:
@@ -129,12 +125,14 @@ def training_sequences(tokenizer, requests: Sequence[EditRequest], contexts: Seq
     for i, r in enumerate(requests):
         for ctx in contexts:
             fmt = PromptFormat(ctx)
-            out.append(TrainingSequence(i, ctx, encode_pair(tokenizer, r.prompt, r.target, fmt),
-                                        subject_token_positions(tokenizer, r.prompt, r.subject, fmt)))
+            pair = encode_pair(tokenizer, r.prompt, r.target, fmt)
+            pos = subject_token_positions(tokenizer, r.prompt, r.subject, fmt, pair.prompt_ids)
+            out.append(TrainingSequence(i, ctx, pair, pos))
         for j in rng.sample(range(len(prefixes)), prefixes_per_request):
             text = with_prefix(prefixes[j], r.prompt)
             pair = encode_pair(tokenizer, text, r.target, PromptFormat("raw"))
-            pos = subject_token_positions(tokenizer, text, r.subject, PromptFormat("raw"), len(prefixes[j]) + 1)
+            pos = subject_token_positions(tokenizer, text, r.subject, PromptFormat("raw"), pair.prompt_ids,
+                                          len(text) - len(r.prompt))
             out.append(TrainingSequence(i, f"prefix:{j}", pair, pos))
     return out
 

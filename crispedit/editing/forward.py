@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from crispedit.formatting import EncodedPair, collate
+from crispedit.models.targets import as_weight_matrix
 
 log = logging.getLogger(__name__)
 
@@ -205,8 +206,6 @@ class EditForward:
         if self.active is None:
             yield
             return
-        from crispedit.models.targets import as_weight_matrix
-
         mask = torch.ones(len(idx), length, dtype=torch.bool, device=self.device)
         for r, i in enumerate(idx):
             if self.active[i] is not None:
