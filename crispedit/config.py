@@ -118,6 +118,15 @@ class EditPositions(Choice):
     SUBJECT_LAST = "subject-last"
 
 
+class EditStatistics(Choice):
+    """Where CrispEdit-Seq counts a finished chunk's edit sequences in the accumulated statistics: at every
+    position (the paper's Appendix E), or only where the change acted while training (`EditConfig.edit_positions`:
+    the subject's last token by default), the keys an earlier edit is read from."""
+
+    SEQUENCE = "sequence"
+    EDIT_POSITIONS = "edit-positions"
+
+
 class DType(Choice):
     FLOAT32 = "float32"
     BFLOAT16 = "bfloat16"

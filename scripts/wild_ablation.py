@@ -14,8 +14,10 @@ and restarted.
 A run is a JSON object: {"name": ..., "layers": "model.layers.{10-12}.mlp.down_proj" (default: the model type's
 defaults), "method": ..., any other EditConfig field (gamma, lr, epochs, contexts, prefixes, max_kl, ...)}; method
 "none" evaluates the base model itself. A run with "sequential": true edits in chunks of "chunk_size" (default 100)
-with CrispEdit-Seq ("edit_weight" as `crispedit edit --sequential`); its record adds the reliability of each chunk,
-measured after the last one. Methods memit, alphaedit, ultraedit and mend run through `crispedit.baselines.run_baseline`
+with CrispEdit-Seq ("edit_weight", "edit_statistics" as `crispedit edit --sequential`); its record adds the reliability of each chunk,
+measured after the last one. A run with "single": true edits each request alone, from the base model each time
+(the one-fact-at-a-time protocol), and pools the per-request results; its perplexity and KL are the means over the
+single edits. Methods memit, alphaedit, ultraedit and mend run through `crispedit.baselines.run_baseline`
 (other keys: fields of the method's config, e.g. "mom2_weight", "hypernet"); "sequential" sets their chunk size;
 without "layers" memit/alphaedit edit the model type's default down-projections (the layers a default curvature
 cache covers) with the key covariance selected from --cache, and ultraedit its own gate/up layers.
@@ -30,7 +32,8 @@ from pathlib import Path
 
 import torch
 
-NOT_CONFIG = ("name", "layers", "note", "sequential", "chunk_size", "edit_weight")
+NOT_CONFIG = ("name", "layers", "note", "sequential", "chunk_size", "edit_weight", "single",
+              "edit_statistics")
 
 
 def parse_args():
@@ -86,7 +89,8 @@ class Results:
                 json.dumps(record, indent=1) + "\n")
 
 
-def edit_sequentially(model, tok, requests, targets, cfg, curvature, chunk_size: int, edit_weight: int):
+def edit_sequentially(model, tok, requests, targets, cfg, curvature, chunk_size: int, edit_weight: int,
+                      edit_statistics: str = "sequence"):
     """CrispEdit-Seq over `requests` in chunks, in a temporary state folder; returns (a result-like summary, the
     cumulative delta, the per-chunk log)."""
     import tempfile
@@ -96,7 +100,7 @@ def edit_sequentially(model, tok, requests, targets, cfg, curvature, chunk_size:
 
     with tempfile.TemporaryDirectory() as tmp:
         ed = SequentialEditor.create(Path(tmp) / "state", model, curvature, cfg, edit_weight=edit_weight,
-                                     chunk_size=chunk_size)
+                                     chunk_size=chunk_size, edit_statistics=edit_statistics)
         results = [ed.edit_chunk(model, tok, requests[i:i + chunk_size])
                    for i in range(0, len(requests), chunk_size)]
         delta = ed.cumulative_delta(model)
@@ -184,12 +188,20 @@ def main() -> None:
                 if run.get("sequential"):
                     chunk_log = [{"n_edits": len(requests[i:i + bcfg.chunk_size])}
                                  for i in range(0, len(requests), bcfg.chunk_size)]
+            elif run.get("single"):
+                record = edit_one_at_a_time(run, dname, requests, model, base, tok, full, heldout, fields, contexts,
+                                            args, memo)
+                results.add(record)
+                print_row(run, dname, record["summary"], record["steps"], record["edit_seconds"],
+                          record["eval_seconds"])
+                continue
             elif run.get("sequential"):
                 cfg = EditConfig(**fields)
                 targets = resolve_targets(model, run.get("layers"))
                 res, delta, chunk_log = edit_sequentially(
                     model, tok, requests, targets, cfg, full.select(targets, model),  # fingerprint of the subset
-                    int(run.get("chunk_size", 100)), int(run.get("edit_weight", 1)))
+                    int(run.get("chunk_size", 100)), int(run.get("edit_weight", 1)),
+                    run.get("edit_statistics", "sequence"))
             elif method != "none":
                 cfg = EditConfig(**fields)
                 targets = resolve_targets(model, run.get("layers"))
@@ -225,17 +237,61 @@ def main() -> None:
             if not args.slim:
                 record["per_request"] = em["per_request"]
             results.add(record)
-            s = rep.summary
+            print_row(run, dname, rep.summary, res.steps if res else 0, t_edit, t_eval)
 
-            def f(k):
-                v = s.get(k)
-                return "  – " if v is None else f"{v:.2f}"
 
-            print(f"{run['name']:>28s} {dname:5s} rel qa {f('reliability_gen_qa')} chat "
-                  f"{f('reliability_gen_chat_contains')} raw {f('reliability_gen_raw')} | gen qa "
-                  f"{f('generalization_gen_qa_contains')} | loc1 qa {f('locality_gen_qa_first_token')}"
-                  f" | ppl {s.get('perplexity_increase_pct'):+.1f}% KL {s.get('kl_nats_per_token'):.3f} | "
-                  f"{res.steps if res else 0} steps {t_edit:.0f}+{t_eval:.0f} s", flush=True)
+def print_row(run: dict, dname: str, s: dict, steps, t_edit: float, t_eval: float) -> None:
+    def f(k):
+        v = s.get(k)
+        return "  – " if v is None else f"{v:.2f}"
+
+    print(f"{run['name']:>28s} {dname:5s} rel qa {f('reliability_gen_qa')} chat "
+          f"{f('reliability_gen_chat_contains')} raw {f('reliability_gen_raw')} | gen qa "
+          f"{f('generalization_gen_qa_contains')} | loc1 qa {f('locality_gen_qa_first_token')}"
+          f" | ppl {s.get('perplexity_increase_pct'):+.1f}% KL {s.get('kl_nats_per_token'):.3f} | "
+          f"{steps} steps {t_edit:.0f}+{t_eval:.0f} s", flush=True)
+
+
+def edit_one_at_a_time(run, dname, requests, model, base, tok, full, heldout, fields, contexts, args, memo) -> dict:
+    """Each request edited alone from the base model, evaluated, reverted; numeric summary keys are the means over
+    the single edits (for the per-request proportions that is the pooled proportion)."""
+    from crispedit.editing.config import EditConfig
+    from crispedit.editing.engine import edit
+    from crispedit.evaluation.capability import capability_metrics
+    from crispedit.evaluation.edit_metrics import evaluate_edits
+    from crispedit.evaluation.generation import pad_id_of
+    from crispedit.evaluation.report import build_report
+    from crispedit.models.targets import resolve_targets
+
+    cfg = EditConfig(**fields)
+    targets = resolve_targets(model, run.get("layers"))
+    cur = full.select(targets) if cfg.method in ("crispedit", "adam-nscl") else None
+    summaries, per_request, steps, losses, t_edit, t_eval = [], [], [], [], 0.0, 0.0
+    for req in requests:
+        t0 = time.perf_counter()
+        res = edit(model, tok, [req], targets, cfg, curvature=cur, progress=False)
+        t_edit += time.perf_counter() - t0
+        t1 = time.perf_counter()
+        em = evaluate_edits(model, tok, [req], base_model=base, teacher_forced=False, generated_contexts=contexts,
+                            generation_batch_size=args.gen_batch, show_progress=False, base_memo=memo)
+        cap = capability_metrics(base, model, heldout.sequences, 8, False, pad_id_of(tok))
+        t_eval += time.perf_counter() - t1
+        res.delta.revert(model)
+        summaries.append(build_report(edit=em, capability=cap.to_json(), config=run).summary)
+        per_request += em["per_request"]
+        steps.append(res.steps)
+        losses.append(res.epoch_losses[-1])
+    keys = [k for k, v in summaries[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    summary = {k: sum(s[k] for s in summaries if s.get(k) is not None) / max(1, sum(s.get(k) is not None
+               for s in summaries)) for k in keys}
+    summary["n_requests"] = len(requests)
+    record = {"run": run, "data": dname, "n": len(requests), "targets": targets, "summary": summary,
+              "steps": sum(steps), "steps_per_edit": steps, "final_losses": losses, "stopped": "single",
+              "final_loss": sum(losses) / len(losses), "edit_seconds": t_edit, "eval_seconds": t_eval,
+              "device": args.device, "dtype": args.dtype}
+    if not args.slim:
+        record["per_request"] = per_request
+    return record
 
 
 if __name__ == "__main__":

@@ -91,3 +91,49 @@ def test_no_probability_tensor_larger_than_a_chunk(monkeypatch):
     collect_lm_stats(model, seqs, TARGETS, CollectConfig(labels="sampled", mc_samples=2, sink_tokens=0), batch_size=4,
                      progress=False)
     assert sizes and max(sizes) <= 2 * VOCAB
+
+
+@pytest.mark.parametrize("labels", ["sampled", "empirical"])
+def test_counted_positions_sum_only_there_with_the_whole_sequence_loss(labels):
+    """`positions`: A and S sum a aᵀ and g gᵀ only at the listed positions of each sequence, g being the gradient
+    of the *whole* sequence's loss (same label stream as an unrestricted collection); None keeps a sequence whole,
+    out-of-range positions are ignored, and the restricted and complementary collections add up to the whole."""
+    model, seqs = tiny_llama(), sequences(n=5)
+    cfg = CollectConfig(labels=labels, sink_tokens=0)
+    positions = [[len(seqs[0]) - 1, 1], None, [2, 999], [0], [3, 1]]
+    got = collect_lm_stats(model, seqs, TARGETS, cfg, batch_size=2, progress=False, positions=positions)
+    mods = {n: model.get_submodule(n) for n in TARGETS}
+    A = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for n, m in mods.items()}
+    S = {n: torch.zeros(m.out_features, m.out_features, dtype=torch.float64) for n, m in mods.items()}
+    count = 0
+    with frozen_parameters(model):
+        for i, s in enumerate(seqs):
+            keep = list(range(len(s))) if positions[i] is None else [p for p in positions[i] if p < len(s)]
+            count += len(keep)
+            ids = torch.tensor([s])
+            with Capture(mods) as cap:
+                logits = model(input_ids=ids).logits[0, :-1]
+                if labels == "sampled":
+                    u = _uniforms(torch.ones(1, len(s) - 1, dtype=torch.bool), None, sequence_generators(0, [i]))
+                    cdf = torch.softmax(logits.detach(), -1).cumsum(-1)
+                    y = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1)).squeeze(1)
+                else:
+                    y = ids[0, 1:]
+                loss = nn.functional.cross_entropy(logits, y, reduction="sum")
+                gs = torch.autograd.grad(loss, [cap.outputs[n] for n in mods])
+                for n, g in zip(mods, gs):
+                    a, g = cap.inputs[n][0][keep], g[0][keep]
+                    A[n] += a.T @ a
+                    S[n] += g.T @ g
+    for n in TARGETS:
+        assert got[n].n == count
+        for mine, ref in ((got[n].A, A[n]), (got[n].S, S[n])):
+            assert float((mine - ref).norm() / ref.norm()) < 1e-12, n
+    whole = collect_lm_stats(model, seqs, TARGETS, cfg, batch_size=3, progress=False)
+    rest = [[p for p in range(len(s)) if p not in (range(len(s)) if k is None else k)] for s, k in zip(seqs, positions)]
+    other = collect_lm_stats(model, seqs, TARGETS, cfg, batch_size=3, progress=False, positions=rest)
+    for n in TARGETS:
+        assert float((got[n].A + other[n].A - whole[n].A).norm() / whole[n].A.norm()) < 1e-12
+        assert float((got[n].S + other[n].S - whole[n].S).norm() / whole[n].S.norm()) < 1e-12
+    with pytest.raises(ValueError, match="position lists"):
+        collect_lm_stats(model, seqs, TARGETS, cfg, positions=positions[:2])

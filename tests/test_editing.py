@@ -241,6 +241,40 @@ def test_sequential_edit_weight_counts_edit_tokens_k_times(setup, tmp_path):
         SequentialEditor.create(tmp_path / "bad", model, cur, cfg, edit_weight=0)
 
 
+def test_sequential_edit_position_statistics_count_only_where_the_edit_acted(setup, tmp_path):
+    """edit_statistics="edit-positions": a chunk adds the statistics of its training sequences at the subject's
+    last token only (one position per sequence, the same sums `collect_lm_stats` gives for those positions),
+    the state and the chunk log say so, and a resumed state keeps the choice."""
+    from crispedit.curvature.collect import collect_lm_stats
+    from crispedit.editing.contexts import training_sequences
+    from crispedit.editing.engine import training_positions
+    from crispedit.editing.sequential import SequentialEditor
+
+    model, tok, cur = setup
+    subjects = ["France", "The Eiffel Tower", "Danielle Darrieux", "The Colosseum"]
+    reqs = [dataclasses.replace(r, subject=s) for r, s in zip(REQUESTS, subjects)][:2]
+    cfg = EditConfig(lr=2e-2, epochs=3, batch_size=2, gamma=0.9, contexts=("raw",), prefixes=0)
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    ed = SequentialEditor.create(tmp_path / "keys", model, cur, cfg, edit_statistics="edit-positions")
+    ed.edit_chunk(model, tok, reqs, progress=False)
+    assert ed.state["edit_statistics"] == "edit-positions"
+    assert ed.state["chunks"][0]["edit_statistics"] == "edit-positions" and ed.state["chunks"][0]["edit_tokens"] == 2
+    train = training_sequences(tok, reqs, ("raw",))
+    pos = training_positions(train, "subject-last")
+    assert [len(p) for p in pos] == [1, 1]
+    ccfg = dataclasses.replace(cur.config, seed=cur.config.seed + 7919)
+    want = collect_lm_stats(model, [t.pair.input_ids for t in train], TARGETS, ccfg, pad_id=1, positions=pos)
+    for n in TARGETS:
+        grown = ed.curvature.stats[n].A - cur.stats[n].A
+        assert ed.curvature.stats[n].n - cur.stats[n].n == 2
+        assert torch.allclose(grown, want[n].A, rtol=1e-9, atol=1e-9 * float(want[n].A.abs().max()))
+    model.load_state_dict(base_state)
+    assert SequentialEditor.open(tmp_path / "keys", model).edit_statistics == "edit-positions"
+    model.load_state_dict(base_state)
+    with pytest.raises(CrispEditError, match="edit_statistics"):
+        SequentialEditor.create(tmp_path / "bad", model, cur, cfg, edit_statistics="tokens")
+
+
 def test_subject_positions_train_the_change_only_through_the_subject(setup, caplog):
     """edit_positions="subject": the change acts at the subject's tokens only while training. The last layer's
     MLP output at the subject's tokens reaches no target position (no attention above it), so that layer's delta

@@ -95,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 # EditJob options a baseline run does not take (they belong to CrispEdit-Seq's state).
-NOT_FOR_BASELINES = {"state_dir": "--state", "resume": "--resume", "edit_weight": "--edit-weight"}
+NOT_FOR_BASELINES = {"state_dir": "--state", "resume": "--resume", "edit_weight": "--edit-weight",
+                     "edit_statistics": "--edit-statistics"}
 
 
 def run_baseline_command(args: argparse.Namespace, method: str) -> int:

@@ -272,6 +272,7 @@ def collect_lm_stats(
     progress: bool = False,
     desc: str = "K-FAC statistics",
     indices: Sequence[int] | None = None,
+    positions: Sequence[Sequence[int] | None] | None = None,
 ) -> KFACStats:
     """K-FAC statistics of a causal LM's next-token loss over token sequences (full-sequence loss).
 
@@ -286,6 +287,9 @@ def collect_lm_stats(
         indices: the sequences' positions in the whole collection (default 0, 1, ...): sequence i's
             sampled labels come from the stream `sequence_seed(cfg.seed, indices[i])`, so a shard collected
             with its global indices draws exactly what the whole collection would.
+        positions: per sequence, the positions whose inputs and output gradients count (None: every position).
+            The loss terms stay at every position, so a counted position's gradient is the whole sequence's
+            loss seen from there (CrispEdit-Seq counts an edit where the edit acted: its subject's last token).
     """
     cfg = cfg if cfg is not None else CurvatureConfig()
     batch_size = cfg.batch_size if batch_size is None else batch_size
@@ -297,6 +301,8 @@ def collect_lm_stats(
     indices = list(range(len(sequences))) if indices is None else [int(i) for i in indices]
     if len(indices) != len(sequences):
         raise ValueError(f"{len(indices)} indices for {len(sequences)} sequences")
+    if positions is not None and len(positions) != len(sequences):
+        raise ValueError(f"{len(positions)} position lists for {len(sequences)} sequences")
     batches = _batches(sequences, batch_size, max_tokens)
     was_training = model.training
     model.eval()
@@ -309,19 +315,24 @@ def collect_lm_stats(
                 mask = torch.zeros((len(seqs), T), dtype=torch.bool)
                 for r, s in enumerate(seqs):
                     ids[r, : len(s)] = torch.tensor(s)
-                    mask[r, : len(s)] = True
-                ids, mask = ids.to(device), mask.to(device)
+                    keep = None if positions is None else positions[idx[r]]
+                    if keep is None:
+                        mask[r, : len(s)] = True
+                    else:
+                        mask[r, [p for p in keep if 0 <= p < len(s)]] = True
+                attn = (torch.arange(T).expand(len(seqs), T) < torch.tensor([len(s) for s in seqs])[:, None])
+                ids, mask, attn = ids.to(device), mask.to(device), attn.to(device)
                 targets = torch.full_like(ids, -100)
-                targets[:, :-1] = torch.where(mask[:, 1:], ids[:, 1:], torch.full_like(ids[:, 1:], -100))
+                targets[:, :-1] = torch.where(attn[:, 1:], ids[:, 1:], torch.full_like(ids[:, 1:], -100))
                 valid, sink = mask, None
                 if cfg.sink_tokens > 0:
-                    pos = torch.arange(T, device=device).expand_as(mask)
+                    pos = torch.arange(T, device=device).expand_as(mask)  # counted positions only, as A and S
                     sink = mask & (pos < cfg.sink_tokens)
                     valid = mask & ~sink
                 gens = sequence_generators(cfg.seed, [indices[i] for i in idx]) if cfg.labels == Labels.SAMPLED else None
                 accumulate_batch(
                     stats, modules,
-                    lambda: model(input_ids=ids, attention_mask=mask.long()).logits,
+                    lambda: model(input_ids=ids, attention_mask=attn.long()).logits,
                     targets, valid, cfg, None, sink, row_generators=gens,
                 )
     finally:

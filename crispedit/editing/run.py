@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from crispedit.config import LAYERS_HELP, CorpusConfig, EditConfig, option
+from crispedit.config import LAYERS_HELP, CorpusConfig, EditConfig, EditStatistics, option
 from crispedit.data.readers import check_requests_fit, max_positions
 from crispedit.data.records import EditRequest
 from crispedit.errors import ConfigError, CrispEditError, OutputExistsError
@@ -54,6 +54,10 @@ class EditJob:
     edit_weight: int = option(1, "sequential: count each edit token N times when a chunk's statistics are merged "
                                  "(protects earlier edits more; a resumed state keeps its own weight)", low=1,
                               metavar="N")
+    edit_statistics: EditStatistics = option(EditStatistics.SEQUENCE, "sequential: where a finished chunk's edit "
+                                             "sequences count in the statistics: sequence (every position, the "
+                                             "paper) or edit-positions (where the change acted while training); "
+                                             "a resumed state keeps its own")
     save_model: bool = option(True, "write the edited model (model/) besides the delta",
                               off_help="write only the delta")
     allow_cache_mismatch: bool = option(False, "use a cache computed for other weights anyway")
@@ -210,7 +214,8 @@ def run_edit(model, tokenizer, job: EditJob, out: str | Path, overwrite: bool = 
             ed = SequentialEditor.open(state, model)
         else:
             ed = SequentialEditor.create(state, model, curvature, job.cfg, edit_weight=job.edit_weight,
-                                         base_fingerprint=fingerprint, chunk_size=job.chunk_size)
+                                         base_fingerprint=fingerprint, chunk_size=job.chunk_size,
+                                         edit_statistics=job.edit_statistics)
         start = ed.remaining(job.requests, job.chunk_size)  # a resumed state continues after its last chunk
         results = []
         t_seq = time.perf_counter()

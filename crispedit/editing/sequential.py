@@ -25,14 +25,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from crispedit.config import CurvatureConfig
+from crispedit.config import CurvatureConfig, EditStatistics
 from crispedit.curvature.api import Curvature
 from crispedit.curvature.collect import collect_lm_stats
 from crispedit.data.records import EditRequest
 from crispedit.editing.contexts import training_sequences
 from crispedit.editing.config import EditConfig
 from crispedit.editing.delta import EditDelta
-from crispedit.editing.engine import EditResult, edit
+from crispedit.editing.engine import EditResult, edit, training_positions
 from crispedit.errors import CrispEditError
 from crispedit.io import atomic_dir, recover_dir, sha256_json
 from crispedit.models.runtime import pad_id_of
@@ -69,6 +69,10 @@ class SequentialEditor:
         return int(self.state.get("edit_weight", 1))
 
     @property
+    def edit_statistics(self) -> str:
+        return str(self.state.get("edit_statistics", EditStatistics.SEQUENCE))
+
+    @property
     def done_requests(self) -> list[str]:
         return list(self.state.get("done_requests", []))
 
@@ -91,10 +95,12 @@ class SequentialEditor:
     @classmethod
     def create(cls, path: str | Path, model: nn.Module, curvature: Curvature, cfg: EditConfig,
                overwrite: bool = False, edit_weight: int = 1,
-               base_fingerprint: str | None = None, chunk_size: int | None = None) -> "SequentialEditor":
+               base_fingerprint: str | None = None, chunk_size: int | None = None,
+               edit_statistics: str = EditStatistics.SEQUENCE) -> "SequentialEditor":
         """`edit_weight` counts each edit token that many times when a chunk's statistics are merged: a few
         hundred edit tokens against tens of thousands of capability tokens otherwise hold little curvature
-        energy, and the γ threshold barely protects earlier edits. `base_fingerprint`: the model's targeted
+        energy, and the γ threshold barely protects earlier edits. `edit_statistics`: which positions of a
+        chunk's training sequences count (`EditStatistics`). `base_fingerprint`: the model's targeted
         weights fingerprint when the caller has already checked the model against `curvature`."""
         path = Path(path)
         recover_dir(path)
@@ -109,6 +115,10 @@ class SequentialEditor:
                  "base_weights_sha256": base_fingerprint, "config": cfg.to_json(),
                  "chunk_size": chunk_size, "chunks": [], "n_edits": 0, "edit_weight": int(edit_weight),
                  "done_requests": []}
+        if edit_statistics not in EditStatistics.values():
+            raise CrispEditError(f"edit_statistics must be one of {', '.join(EditStatistics.values())}, got "
+                                 f"{edit_statistics!r}")
+        state["edit_statistics"] = str(edit_statistics)
         if int(edit_weight) != edit_weight or edit_weight < 1:
             raise CrispEditError(f"the edit statistics weight must be a positive integer, got {edit_weight}")
         ed = cls(path, curvature, base, state, current_fingerprint=base_fingerprint)
@@ -160,12 +170,15 @@ class SequentialEditor:
         self._current_fp = result.delta.record["edited_weights_sha256"]
         prefixes = result.delta.record.get("prefixes") or []
         contexts = result.delta.record.get("training_contexts") or list(cfg.contexts)
-        seqs = [s.pair.input_ids for s in training_sequences(tokenizer, requests, contexts, prefixes,
-                                                                 min(cfg.prefixes, len(prefixes)), cfg.seed)]
+        train = training_sequences(tokenizer, requests, contexts, prefixes, min(cfg.prefixes, len(prefixes)), cfg.seed)
+        seqs = [s.pair.input_ids for s in train]
+        positions = None
+        if self.edit_statistics == EditStatistics.EDIT_POSITIONS:
+            positions = training_positions(train, cfg.edit_positions)
         base_cfg = self.curvature.config
         ccfg = dataclasses.replace(base_cfg, seed=base_cfg.seed + 7919 * (k + 1))
         chunk_stats = collect_lm_stats(model, seqs, self.targets, ccfg, pad_id=pad_id_of(tokenizer), progress=False,
-                                       desc="edit statistics")
+                                       desc="edit statistics", positions=positions)
         stats = self.curvature.stats.clone().add_(chunk_stats.scaled_(self.edit_weight))
         record = dict(self.curvature.record)
         record["corpora"] = list(record.get("corpora", [])) + [
@@ -177,7 +190,9 @@ class SequentialEditor:
                                      "final_loss": result.epoch_losses[-1] if result.epoch_losses else None,
                                      "seconds": result.seconds,
                                      "requests_sha256": result.delta.record["requests_sha256"],
-                                     "edit_tokens": sum(map(len, seqs)), "edit_weight": self.edit_weight})
+                                     "edit_tokens": sum(map(len, seqs)) if positions is None else sum(
+                                         len(s) if p is None else len(p) for s, p in zip(seqs, positions)),
+                                     "edit_weight": self.edit_weight, "edit_statistics": self.edit_statistics})
         self.state["n_edits"] += len(requests)
         self.state["done_requests"] = self.done_requests + [request_hash(r) for r in requests]
         self._save(model)
