@@ -38,13 +38,19 @@ def sequences(n: int = 6, seed: int = 3) -> list[list[int]]:
             for _ in range(n)]
 
 
-def reference_S(model, seqs, labels: str, seed: int = 0) -> dict[str, torch.Tensor]:
+def reference_stats(model, seqs, labels: str, seed: int = 0, positions=None):
     """The whole-batch path: one float cross-entropy over every loss position of each sequence (batch size
-    1), labels drawn with the same per-sequence uniforms by the inverse CDF of a full softmax."""
+    1), labels drawn with the same per-sequence uniforms by the inverse CDF of a full softmax. A and S summed at
+    `positions[i]` of sequence i (None: all; out-of-range ones ignored); returns (A, S, positions counted)."""
     mods = {n: model.get_submodule(n) for n in TARGETS}
+    A = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for n, m in mods.items()}
     S = {n: torch.zeros(m.out_features, m.out_features, dtype=torch.float64) for n, m in mods.items()}
+    count = 0
     with frozen_parameters(model):
         for i, s in enumerate(seqs):
+            keep = list(range(len(s))) if positions is None or positions[i] is None else [
+                p for p in positions[i] if p < len(s)]
+            count += len(keep)
             ids = torch.tensor([s])
             with Capture(mods) as cap:
                 logits = model(input_ids=ids).logits[0, :-1]
@@ -56,10 +62,15 @@ def reference_S(model, seqs, labels: str, seed: int = 0) -> dict[str, torch.Tens
                     y = ids[0, 1:]
                 loss = nn.functional.cross_entropy(logits, y, reduction="sum")
                 gs = torch.autograd.grad(loss, [cap.outputs[n] for n in mods])
-            for n, g in zip(mods, gs):
-                g = g[0]
-                S[n] += g.T @ g
-    return S
+                for n, g in zip(mods, gs):
+                    a, g = cap.inputs[n][0][keep], g[0][keep]
+                    A[n] += a.T @ a
+                    S[n] += g.T @ g
+    return A, S, count
+
+
+def reference_S(model, seqs, labels: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    return reference_stats(model, seqs, labels, seed)[1]
 
 
 @pytest.mark.parametrize("labels", ["sampled", "empirical"])
@@ -102,29 +113,7 @@ def test_counted_positions_sum_only_there_with_the_whole_sequence_loss(labels):
     cfg = CollectConfig(labels=labels, sink_tokens=0)
     positions = [[len(seqs[0]) - 1, 1], None, [2, 999], [0], [3, 1]]
     got = collect_lm_stats(model, seqs, TARGETS, cfg, batch_size=2, progress=False, positions=positions)
-    mods = {n: model.get_submodule(n) for n in TARGETS}
-    A = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for n, m in mods.items()}
-    S = {n: torch.zeros(m.out_features, m.out_features, dtype=torch.float64) for n, m in mods.items()}
-    count = 0
-    with frozen_parameters(model):
-        for i, s in enumerate(seqs):
-            keep = list(range(len(s))) if positions[i] is None else [p for p in positions[i] if p < len(s)]
-            count += len(keep)
-            ids = torch.tensor([s])
-            with Capture(mods) as cap:
-                logits = model(input_ids=ids).logits[0, :-1]
-                if labels == "sampled":
-                    u = _uniforms(torch.ones(1, len(s) - 1, dtype=torch.bool), None, sequence_generators(0, [i]))
-                    cdf = torch.softmax(logits.detach(), -1).cumsum(-1)
-                    y = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1)).squeeze(1)
-                else:
-                    y = ids[0, 1:]
-                loss = nn.functional.cross_entropy(logits, y, reduction="sum")
-                gs = torch.autograd.grad(loss, [cap.outputs[n] for n in mods])
-                for n, g in zip(mods, gs):
-                    a, g = cap.inputs[n][0][keep], g[0][keep]
-                    A[n] += a.T @ a
-                    S[n] += g.T @ g
+    A, S, count = reference_stats(model, seqs, labels, positions=positions)
     for n in TARGETS:
         assert got[n].n == count
         for mine, ref in ((got[n].A, A[n]), (got[n].S, S[n])):
