@@ -102,6 +102,9 @@ class SequentialEditor:
         energy, and the γ threshold barely protects earlier edits. `edit_statistics`: which positions of a
         chunk's training sequences count (`EditStatistics`). `base_fingerprint`: the model's targeted
         weights fingerprint when the caller has already checked the model against `curvature`."""
+        if edit_statistics not in EditStatistics.values():
+            raise CrispEditError(f"edit_statistics must be one of {', '.join(EditStatistics.values())}, got "
+                                 f"{edit_statistics!r}")
         path = Path(path)
         recover_dir(path)
         if path.exists() and any(path.iterdir()) and not overwrite:
@@ -114,11 +117,7 @@ class SequentialEditor:
         state = {"format": STATE_FORMAT, "format_version": STATE_VERSION, "targets": targets,
                  "base_weights_sha256": base_fingerprint, "config": cfg.to_json(),
                  "chunk_size": chunk_size, "chunks": [], "n_edits": 0, "edit_weight": int(edit_weight),
-                 "done_requests": []}
-        if edit_statistics not in EditStatistics.values():
-            raise CrispEditError(f"edit_statistics must be one of {', '.join(EditStatistics.values())}, got "
-                                 f"{edit_statistics!r}")
-        state["edit_statistics"] = str(edit_statistics)
+                 "edit_statistics": str(edit_statistics), "done_requests": []}
         if int(edit_weight) != edit_weight or edit_weight < 1:
             raise CrispEditError(f"the edit statistics weight must be a positive integer, got {edit_weight}")
         ed = cls(path, curvature, base, state, current_fingerprint=base_fingerprint)
