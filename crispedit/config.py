@@ -560,7 +560,9 @@ class EditConfig(ConfigBase):
                                            "MEMIT's key); subject: all of the subject's tokens; all: every token. "
                                            "A request whose subject is not in its prompt trains at every token")
     seed: int = option(0, "seed of the request order and the prefixes")
-    cache_prefix: bool = option(True, "cache the hidden states below the first target (exact; faster)",
+    cache_prefix: bool = option(True, "cache what the edit cannot change: the hidden states below the first target "
+                                      "and, with edit positions, the keys/values of the positions before the "
+                                      "first one (exact; faster)",
                                 off_help="run the whole forward at every step")
     target_logits: bool = option(True, "compute logits only at the target positions (exact; faster)",
                                  off_help="compute logits at every position")

@@ -226,3 +226,92 @@ def test_active_positions_confine_the_change_and_its_gradient(kind):
         assert rg.norm() > 0 and torch.allclose(gm, rg, rtol=1e-9, atol=1e-12)
     with pytest.raises(ValueError, match="one entry per sequence"):
         EditForward(model, targets, pairs, pad_id=0, active=active[:2], base_weights=base)
+
+
+ACTIVE = [(3, 5), None, (1,), (2, 4, 5), (6,), (1,), (4, 7)]
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral", "gpt2"])
+def test_cached_frozen_positions_equal_running_every_position(kind):
+    """With `active` positions, the kept layers run only from each sequence's first active (or scored) position, the
+    earlier positions' keys/values cached: after a change of the targets, the loss and the gradients equal those of
+    the same forward run over every position (float64), for mixed batches with and without frozen positions."""
+    from crispedit.models.targets import weight_matrix
+
+    model, targets, pairs = _llama(kind), TARGETS[kind], _pairs()
+    base = {n: weight_matrix(model.get_submodule(n)).detach().clone() for n in targets}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fallback would hide a wrong shortcut
+        fast = EditForward(model, targets, pairs, pad_id=0, active=ACTIVE, base_weights=base)
+    every = EditForward(model, targets, pairs, pad_id=0, active=ACTIVE, base_weights=base, cache_kv=False)
+    assert fast.caches_kv and not every.caches_kv
+    # frozen = before the first active position and before the first scored one (the prompt's last token)
+    expected = [0 if a is None else min(min(a), len(p.prompt_ids) - 1) for a, p in zip(ACTIVE, pairs)]
+    assert fast.run_lengths() == [len(p.input_ids) - e for p, e in zip(pairs, expected)]
+    assert fast.describe()["frozen_position_fraction"] > 0.1
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for n in targets:
+            weight_matrix(model.get_submodule(n)).add_(0.3 * torch.randn_like(base[n]))
+    for idx in (list(range(7)), [3, 0], [1], [4, 2]):
+        a_nll, a_rows, a_grads = _loss_and_grads(model, targets, fast, idx)
+        b_nll, b_rows, b_grads = _loss_and_grads(model, targets, every, idx)
+        assert torch.equal(a_rows, b_rows)
+        assert torch.allclose(a_nll, b_nll, rtol=1e-12, atol=1e-12)
+        for ga, gb in zip(a_grads, b_grads):
+            # (a top-layer target changed only before the scored positions has no gradient: not in the full batch)
+            assert gb.norm() > 0 or len(idx) < 7
+            assert torch.allclose(ga, gb, rtol=1e-10, atol=1e-12), float((ga - gb).abs().max())
+
+
+def test_cached_keys_values_are_rebuilt_when_a_kept_weight_changes():
+    """The frozen positions' keys/values depend on every weight of the kept layers but the targets': a change of one
+    (here layer 3's value projection, above the first target) rebuilds them; the targets' own steps do not."""
+    from crispedit.models.targets import weight_matrix
+
+    model, targets, pairs = _llama("llama"), TARGETS["llama"], _pairs()
+    base = {n: weight_matrix(model.get_submodule(n)).detach().clone() for n in targets}
+    fast = EditForward(model, targets, pairs, pad_id=0, active=ACTIVE, base_weights=base)
+    every = EditForward(model, targets, pairs, pad_id=0, active=ACTIVE, base_weights=base, cache_kv=False)
+    with torch.no_grad():
+        fast.token_nll([0, 3])
+        kv = fast._kv
+        weight_matrix(model.get_submodule(targets[0])).add_(0.1)
+        fast.token_nll([0, 3])
+        assert fast._kv is kv  # a target's step keeps the cache
+        model.model.layers[3].self_attn.v_proj.weight.mul_(1.5)
+        after, _ = fast.token_nll([0, 3])
+    with torch.no_grad():
+        ref, _ = every.token_nll([0, 3])
+    assert fast._kv is not kv
+    assert torch.allclose(after, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_short_subject_edit_gives_the_same_delta_with_and_without_cached_positions(byte_bpe_tokenizer):
+    from crispedit.data.records import EditRequest
+    from crispedit.editing.config import EditConfig
+    from crispedit.editing.engine import edit
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = byte_bpe_tokenizer
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None)
+    reqs = [EditRequest("The capital of France is", "Rome", subject="France"),
+            EditRequest("The Eiffel Tower is in", "Paris", subject="The Eiffel Tower"),
+            EditRequest("Danielle Darrieux speaks", "German", subject="Danielle Darrieux")]
+    targets = ["model.layers.1.mlp.down_proj", "model.layers.2.mlp.down_proj"]  # below the top: a gradient
+    deltas, frozen = [], []
+    for cached in (True, False):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(cfg).double().eval()
+        # one batch per epoch: the batches do not depend on how long each sequence runs
+        ec = EditConfig(method="ft", lr=1e-2, epochs=3, batch_size=8, contexts=("raw",), prefixes=0,
+                        cache_prefix=cached)
+        res = edit(model, tok, reqs, targets, ec, progress=False)
+        deltas.append(res.delta.deltas)
+        frozen.append(res.delta.record["forward"]["frozen_positions_cached"])
+    assert frozen == [True, False]
+    for n in targets:
+        assert deltas[0][n].norm() > 0
+        assert torch.allclose(deltas[0][n], deltas[1][n], rtol=1e-6, atol=1e-9)

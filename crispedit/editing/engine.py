@@ -83,7 +83,6 @@ def edit(model: nn.Module, tokenizer, requests: Sequence[EditRequest], targets: 
     contexts = training_contexts(tokenizer, cfg.contexts)
     seqs, prefixes = build_training(model, tokenizer, requests, contexts, cfg.prefixes, cfg.seed)
     owner = [s.request for s in seqs]
-    lengths = [len(s.pair.input_ids) for s in seqs]
     gen = torch.Generator().manual_seed(cfg.seed)
     anchors = anchor_prompts(tokenizer, requests, contexts, cfg.anchors, cfg.seed) if cfg.anchors else []
     pairs = [s.pair for s in seqs] + [EncodedPair(list(a.prompt_ids), []) for a in anchors]
@@ -91,6 +90,7 @@ def edit(model: nn.Module, tokenizer, requests: Sequence[EditRequest], targets: 
     fwd = EditForward(model, targets, pairs, pad_id, cache_prefix=cfg.cache_prefix,
                       logits_at_targets=cfg.target_logits, active=active, base_weights=base if active else None)
     anchor_kl = AnchorKL(fwd, range(len(seqs), len(pairs)), gen) if anchors else None
+    lengths = fwd.run_lengths()[:len(seqs)]  # batches group sequences of similar cost
 
     params = {n: m.weight for n, m in modules.items()}
     frozen = frozen_parameters(model, trainable=params.values())  # only the target weights are trained
