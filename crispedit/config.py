@@ -560,10 +560,11 @@ class EditConfig(ConfigBase):
                                            "MEMIT's key); subject: all of the subject's tokens; all: every token. "
                                            "A request whose subject is not in its prompt trains at every token")
     seed: int = option(0, "seed of the request order and the prefixes")
-    cache_prefix: bool = option(True, "cache what the edit cannot change: the hidden states below the first target "
-                                      "and, with edit positions, the keys/values of the positions before the "
-                                      "first one (exact; faster)",
+    cache_prefix: bool = option(True, "cache the hidden states below the first target (exact; faster)",
                                 off_help="run the whole forward at every step")
+    cache_positions: bool = option(True, "with edit positions, cache the keys/values of the positions before the "
+                                         "first one and run the layers from there only (exact; faster; needs "
+                                         "cache_prefix)", off_help="run the edited layers over every position")
     target_logits: bool = option(True, "compute logits only at the target positions (exact; faster)",
                                  off_help="compute logits at every position")
     loss_reduction: LossReduction = option(LossReduction.TOKEN, "token: mean over all target tokens; sequence: "

@@ -88,7 +88,8 @@ def edit(model: nn.Module, tokenizer, requests: Sequence[EditRequest], targets: 
     pairs = [s.pair for s in seqs] + [EncodedPair(list(a.prompt_ids), []) for a in anchors]
     active = training_positions(seqs, cfg.edit_positions, len(anchors))
     fwd = EditForward(model, targets, pairs, pad_id, cache_prefix=cfg.cache_prefix,
-                      logits_at_targets=cfg.target_logits, active=active, base_weights=base if active else None)
+                      logits_at_targets=cfg.target_logits, active=active, base_weights=base if active else None,
+                      cache_kv=cfg.cache_positions)
     anchor_kl = AnchorKL(fwd, range(len(seqs), len(pairs)), gen) if anchors else None
     lengths = fwd.run_lengths()[:len(seqs)]  # batches group sequences of similar cost
 
