@@ -243,8 +243,10 @@ def test_cached_frozen_positions_equal_running_every_position(kind):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a fallback would hide a wrong shortcut
         fast = EditForward(model, targets, pairs, pad_id=0, active=ACTIVE, base_weights=base)
+        all_logits = EditForward(model, targets, pairs, pad_id=0, active=ACTIVE, base_weights=base,
+                                 logits_at_targets=False)
     every = EditForward(model, targets, pairs, pad_id=0, active=ACTIVE, base_weights=base, cache_kv=False)
-    assert fast.caches_kv and not every.caches_kv
+    assert fast.caches_kv and all_logits.caches_kv and not every.caches_kv
     # frozen = before the first active position and before the first scored one (the prompt's last token)
     expected = [0 if a is None else min(min(a), len(p.prompt_ids) - 1) for a, p in zip(ACTIVE, pairs)]
     assert fast.run_lengths() == [len(p.input_ids) - e for p, e in zip(pairs, expected)]
@@ -258,6 +260,7 @@ def test_cached_frozen_positions_equal_running_every_position(kind):
         b_nll, b_rows, b_grads = _loss_and_grads(model, targets, every, idx)
         assert torch.equal(a_rows, b_rows)
         assert torch.allclose(a_nll, b_nll, rtol=1e-12, atol=1e-12)
+        assert torch.allclose(_loss_and_grads(model, targets, all_logits, idx)[0], b_nll, rtol=1e-12, atol=1e-12)
         for ga, gb in zip(a_grads, b_grads):
             # (a top-layer target changed only before the scored positions has no gradient: not in the full batch)
             assert gb.norm() > 0 or len(idx) < 7

@@ -1,6 +1,6 @@
 """The edit loss of a batch, computed with only the work the loss needs.
 
-Two savings, exact by construction and checked against the plain forward when the object is built:
+Three savings, exact by construction and checked against the plain forward when the object is built:
 
 1. **Frozen prefix.** Every weight below the first edited decoder layer is frozen, so the hidden states entering
    that layer are fixed for each training sequence. They are computed once (no grad) and cached; each step then
@@ -34,6 +34,7 @@ from typing import Iterator, Sequence
 
 import torch
 from torch import nn
+from transformers import DynamicCache
 
 from crispedit.formatting import EncodedPair, collate
 from crispedit.models.targets import as_weight_matrix
@@ -211,20 +212,16 @@ class EditForward:
         tgt = labels[:, 1:][sel]
         rows = sel.nonzero()[:, 0]
         length = labels.shape[1]
-        past = self._past(idx, start, batch["attention_mask"]) if any(start) else {}
+        # run from the frozen positions on (their keys/values as a cache), or over whole sequences
+        inputs = self._past(idx, start, batch["attention_mask"]) if any(start) else \
+            {"attention_mask": batch["attention_mask"]}
         with self._prefix_hidden(idx, length, start), self._active_only(self._active_mask(idx, length, start)):
-            if past:
+            if self.logits_at_targets:
                 base = getattr(self.model, "base_model", self.model)
-                hidden = base(input_ids=batch["input_ids"], use_cache=False, **past).last_hidden_state
-                logits = self.head(hidden[:, :-1][sel])
-            elif self.logits_at_targets:
-                base = getattr(self.model, "base_model", self.model)
-                hidden = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                              use_cache=False).last_hidden_state
+                hidden = base(input_ids=batch["input_ids"], use_cache=False, **inputs).last_hidden_state
                 logits = self.head(hidden[:, :-1][sel])  # [N, vocab]
             else:
-                logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                    use_cache=False).logits[:, :-1][sel]
+                logits = self.model(input_ids=batch["input_ids"], use_cache=False, **inputs).logits[:, :-1][sel]
         nll = nn.functional.cross_entropy(logits.float(), tgt, reduction="none")
         return nll, rows
 
@@ -351,8 +348,6 @@ class EditForward:
     def _build_kv(self) -> None:
         """Keys and values of each sequence's frozen positions at the kept layers, with the targets at their base
         weights: [kept layers, 2, kv heads, frozen length, head dim] per sequence (None where it has none)."""
-        from transformers import DynamicCache
-
         base = getattr(self.model, "base_model", self.model)
         first, n_layers = self.stack.first, len(self._layers())
         order = sorted((i for i, s in enumerate(self._start) if s), key=lambda i: self._start[i])
@@ -378,8 +373,6 @@ class EditForward:
         """The model's keyword arguments to run the sequences `idx` from positions `start`: the frozen positions'
         keys/values as a cache (left-padded to a common length), the attention mask over cache + new tokens and the
         new tokens' position ids."""
-        from transformers import DynamicCache
-
         if self._prefix is None or self._stale():
             self._build_prefix()
         first = self.stack.first
