@@ -14,7 +14,7 @@ and restarted.
 A run is a JSON object: {"name": ..., "layers": "model.layers.{10-12}.mlp.down_proj" (default: the model type's
 defaults), "method": ..., any other EditConfig field (gamma, lr, epochs, contexts, prefixes, max_kl, ...)}; method
 "none" evaluates the base model itself. A run with "sequential": true edits in chunks of "chunk_size" (default 100)
-with CrispEdit-Seq ("edit_weight", "edit_statistics" as `crispedit edit --sequential`); its record adds the reliability of each chunk,
+with CrispEdit-Seq ("edit_weight", "edit_statistics", "edit_gamma" as `crispedit edit --sequential`); its record adds the reliability of each chunk,
 measured after the last one. A run with "single": true edits each request alone, from the base model each time
 (the one-fact-at-a-time protocol), and pools the per-request results; its perplexity and KL are the means over the
 single edits. Methods memit, alphaedit, ultraedit and mend run through `crispedit.baselines.run_baseline`
@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 NOT_CONFIG = ("name", "layers", "note", "sequential", "chunk_size", "edit_weight", "single",
-              "edit_statistics")
+              "edit_statistics", "edit_gamma")
 
 
 def parse_args():
@@ -90,7 +90,7 @@ class Results:
 
 
 def edit_sequentially(model, tok, requests, targets, cfg, curvature, chunk_size: int, edit_weight: int,
-                      edit_statistics: str = "sequence"):
+                      edit_statistics: str = "sequence", edit_gamma: float | None = None):
     """CrispEdit-Seq over `requests` in chunks, in a temporary state folder; returns (a result-like summary, the
     cumulative delta, the per-chunk log)."""
     import tempfile
@@ -100,7 +100,7 @@ def edit_sequentially(model, tok, requests, targets, cfg, curvature, chunk_size:
 
     with tempfile.TemporaryDirectory() as tmp:
         ed = SequentialEditor.create(Path(tmp) / "state", model, curvature, cfg, edit_weight=edit_weight,
-                                     chunk_size=chunk_size, edit_statistics=edit_statistics)
+                                     chunk_size=chunk_size, edit_statistics=edit_statistics, edit_gamma=edit_gamma)
         results = [ed.edit_chunk(model, tok, requests[i:i + chunk_size])
                    for i in range(0, len(requests), chunk_size)]
         delta = ed.cumulative_delta(model)
@@ -201,7 +201,7 @@ def main() -> None:
                 res, delta, chunk_log = edit_sequentially(
                     model, tok, requests, targets, cfg, full.select(targets, model),  # fingerprint of the subset
                     int(run.get("chunk_size", 100)), int(run.get("edit_weight", 1)),
-                    run.get("edit_statistics", "sequence"))
+                    run.get("edit_statistics", "sequence"), run.get("edit_gamma"))
             elif method != "none":
                 cfg = EditConfig(**fields)
                 targets = resolve_targets(model, run.get("layers"))

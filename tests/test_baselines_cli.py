@@ -179,6 +179,7 @@ def test_a_key_value_method_on_a_layer_that_is_not_a_down_projection(world, cli,
     (("--gamma", "0.5"), ("--gamma: option(s) of the fine-tuning methods, not of --method memit",)),
     (("--alphaedit-l2", "3"), ("--alphaedit-l2: option(s) of --method alphaedit, not --method memit",)),
     (("--resume",), ("--resume is for CrispEdit-Seq's sequential state",)),
+    (("--edit-gamma", "0.9"), ("--edit-gamma is for CrispEdit-Seq's sequential state",)),
     (("--chunk-size", "2"), ("--chunk-size is the sequential variant's: add --sequential",)),
     (("--memit-mom2-weight", "0"), ("--memit-mom2-weight", "must be a positive number, got 0")),
 ])

@@ -151,6 +151,9 @@ def test_sequential_edit_and_resume(world, cli, tmp_path):
     (["--contexts", "qa", "--prefixes", "-1"], ["argument --prefixes", "non-negative integer"]),
     (["--layers", DOWN[0]], ["--layers model.layers.0.mlp.down_proj selects", "the curvature cache covers"]),
     (["--resume"], ["--resume continues a sequential state"]),
+    (["--edit-gamma", "0.9"], ["--edit-gamma thresholds the edits of earlier chunks: add --sequential"]),
+    (["--sequential", "--edit-gamma", "0.9", "--method", "adam-nscl"], ["--edit-gamma needs --method crispedit"]),
+    (["--sequential", "--edit-gamma", "1"], ["argument --edit-gamma", "(0, 1)"]),
     (["--limit", "0"], ["argument --limit", "positive integer"]),
     (["--format", "mend"], ["unknown edit request format 'mend'"]),
 ])

@@ -67,3 +67,54 @@ def test_nscl_and_sink_split_remove_the_same_count_as_the_rule():
     assert V.shape[1] == energy_rank(lam, 0.9) + 1 and V.shape[1] + Q.shape[1] == 4
     torch.testing.assert_close(V.T @ Q, torch.zeros(V.shape[1], Q.shape[1], dtype=torch.float64), atol=1e-12,
                                rtol=0)
+
+
+def _psd(d: int, rank: int, g: torch.Generator) -> torch.Tensor:
+    x = torch.randn(d, rank, generator=g, dtype=torch.float64)
+    return x @ x.T
+
+
+def test_basis_energies_are_the_diagonal_of_the_kronecker_block_in_that_basis():
+    """Oracle: diag((U_S ⊗ U_A)ᵀ (S ⊗ A) (U_S ⊗ U_A)) from the explicit 24 × 24 block, in a basis that is not the
+    block's own (the eigenbasis of a merged pair of factors); in its own eigenbasis they are the eigenvalue products."""
+    from crispedit.curvature.eigen import eigendecompose
+    from crispedit.curvature.masks import basis_energies
+    from crispedit.curvature.stats import LayerStats
+
+    g = torch.Generator().manual_seed(0)
+    cap = LayerStats(A=_psd(6, 6, g), S=_psd(4, 4, g), n=3)
+    edits = LayerStats(A=_psd(6, 2, g), S=_psd(4, 1, g), n=2)
+    merged = eigendecompose(cap.clone().add_(edits))
+    for stats in (cap, edits):
+        A, S = stats.factors()
+        B = torch.kron(merged.U_S, merged.U_A)
+        want = torch.diagonal(B.T @ torch.kron(S, A) @ B).reshape(4, 6)
+        got = basis_energies(merged, stats)
+        assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)
+        assert float(got.sum()) == pytest.approx(float(torch.trace(S) * torch.trace(A)), rel=1e-10)
+    own = eigendecompose(cap)
+    assert torch.allclose(basis_energies(own, cap), torch.outer(own.lam_S, own.lam_A), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("gamma", [0.5, 0.9])
+def test_joint_mask_is_the_intersection_of_each_constraints_own_energy_rule(gamma):
+    """One constraint in its own eigenbasis gives exactly the standard per-layer mask; several give the
+    intersection of their masks, each removing directions that hold ≥ γ of its own energy (sink columns always)."""
+    from crispedit.curvature.eigen import eigendecompose
+    from crispedit.curvature.masks import basis_energies, build_masks, joint_keep_mask
+    from crispedit.curvature.stats import LayerStats
+
+    g = torch.Generator().manual_seed(1)
+    cap = LayerStats(A=_psd(7, 7, g), S=_psd(5, 5, g), n=4)
+    own = eigendecompose(cap)
+    assert torch.equal(joint_keep_mask(own, [(cap, gamma)]), build_masks({"w": own}, gamma)["w"])
+    edits = LayerStats(A=_psd(7, 2, g), S=_psd(5, 2, g), n=1)
+    merged = eigendecompose(cap.clone().add_(edits))
+    merged.lam_A[0], merged.n_sink = math.inf, 1  # one sink column
+    both = joint_keep_mask(merged, [(cap, gamma), (edits, 0.8)])
+    singles = [joint_keep_mask(merged, [(s, gm)]) for s, gm in ((cap, gamma), (edits, 0.8))]
+    assert torch.equal(both, singles[0] & singles[1]) and not both[:, 0].any()
+    for stats, gm in ((cap, gamma), (edits, 0.8)):
+        e = basis_energies(merged, stats)
+        assert float(e[~both].sum()) >= gm * float(e.sum()) - 1e-12
+    assert both.sum() < singles[0].sum()  # the edits' constraint removes directions the capability keeps

@@ -297,3 +297,41 @@ def test_subject_positions_train_the_change_only_through_the_subject(setup, capl
     assert "not found in 1 of 4" in caplog.text
     assert res.delta.deltas[TARGETS[1]].norm() > 0
     res.delta.revert(model)
+
+
+def test_sequential_separate_thresholds_keep_capability_and_edits_apart(setup, tmp_path):
+    """edit_gamma: the capability statistics stay as they were, the edits' accumulate unweighted beside them, each
+    chunk is projected with both thresholds (a subset of what the capability alone keeps, in the merged basis), and
+    a resumed state ends bit for bit where an uninterrupted one does."""
+    from crispedit.editing.sequential import SequentialEditor
+
+    model, tok, cur = setup
+    cfg = EditConfig(lr=2e-2, epochs=4, batch_size=2, gamma=0.9)
+    chunks = [REQUESTS[:2], REQUESTS[2:]]
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    ed = SequentialEditor.create(tmp_path / "a", model, cur, cfg, edit_weight=4, edit_gamma=0.8)
+    ed.edit_chunk(model, tok, chunks[0], progress=False)
+    n = TARGETS[0]
+    grown = ed.curvature.stats[n].n - cur.stats[n].n
+    assert ed.capability.stats[n].n == cur.stats[n].n and torch.equal(ed.capability.stats[n].A, cur.stats[n].A)
+    assert ed.edits.stats[n].n * 4 == grown > 0 and ed.state["chunks"][0]["edit_gamma"] == 0.8
+    joint = ed.curvature.joint_projectors([(cur.stats, 0.9), (ed.edits.stats, 0.8)])
+    alone = ed.curvature.joint_projectors([(cur.stats, 0.9)])
+    assert bool((joint[n].keep <= alone[n].keep).all()) and joint[n].keep.sum() < alone[n].keep.sum()
+    ed.edit_chunk(model, tok, chunks[1], progress=False)
+    straight = weights(model)
+
+    model.load_state_dict(base_state)
+    ed1 = SequentialEditor.create(tmp_path / "b", model, cur, cfg, edit_weight=4, edit_gamma=0.8)
+    ed1.edit_chunk(model, tok, chunks[0], progress=False)
+    model.load_state_dict(base_state)
+    ed2 = SequentialEditor.open(tmp_path / "b", model)
+    assert ed2.edit_gamma == 0.8 and torch.equal(ed2.edits.stats[n].A, ed1.edits.stats[n].A)
+    ed2.edit_chunk(model, tok, chunks[1], progress=False)
+    for t in TARGETS:
+        assert torch.equal(weights(model)[t], straight[t])
+    model.load_state_dict(base_state)
+    with pytest.raises(CrispEditError, match="edit_gamma"):
+        SequentialEditor.create(tmp_path / "bad", model, cur, cfg, edit_gamma=1.0)
+    with pytest.raises(CrispEditError, match="edit_gamma"):
+        SequentialEditor.create(tmp_path / "bad", model, cur, dataclasses.replace(cfg, method="ft"), edit_gamma=0.9)

@@ -69,6 +69,11 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--method {cfg.method} needs --curvature CACHE (build one with `crispedit curvature`)")
     if args.resume and not args.sequential:
         raise UsageError("--resume continues a sequential state: add --sequential")
+    if args.edit_gamma is not None and not args.sequential:
+        raise UsageError("--edit-gamma thresholds the edits of earlier chunks: add --sequential")
+    if args.edit_gamma is not None and (cfg.projection != "kfac" or cfg.scope != "layer"):
+        raise UsageError(f"--edit-gamma needs --method crispedit with --scope layer (not --method {cfg.method}, "
+                         f"--scope {cfg.scope})")
     if args.curvature_path:
         read_record(args.curvature_path)  # fails fast on a missing or foreign cache
     rc = config_from_args(args, RequestsConfig)
@@ -96,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
 
 # EditJob options a baseline run does not take (they belong to CrispEdit-Seq's state).
 NOT_FOR_BASELINES = {"state_dir": "--state", "resume": "--resume", "edit_weight": "--edit-weight",
-                     "edit_statistics": "--edit-statistics"}
+                     "edit_statistics": "--edit-statistics", "edit_gamma": "--edit-gamma"}
 
 
 def run_baseline_command(args: argparse.Namespace, method: str) -> int:

@@ -21,7 +21,7 @@ from crispedit.curvature.cache import check_finite_stats, compare_fingerprints, 
 from crispedit.curvature.collect import collect_lm_stats
 from crispedit.curvature.eigen import LayerEigen, eigendecompose, sym_eigh, top_energy_fraction
 from crispedit.curvature.energy import energy_rank
-from crispedit.curvature.masks import build_masks, mask_report
+from crispedit.curvature.masks import build_masks, joint_keep_mask, mask_report
 from crispedit.curvature.projector import InputNullspaceProjector, KroneckerProjector
 from crispedit.curvature.stats import KFACStats
 from crispedit.errors import CacheMismatchError, CrispEditError
@@ -264,6 +264,16 @@ class Curvature:
             return {n: InputNullspaceProjector(e.U_A, keep[n], dtype=dtype, device=device)
                     for n, e in self.eigen.items()}
         raise CrispEditError(f"unknown projection kind {kind!r}; expected one of {PROJECTION_KINDS}")
+
+    def joint_projectors(self, constraints: Sequence[tuple[KFACStats, float]], dtype: torch.dtype = torch.float32,
+                         device: torch.device | str | None = None) -> dict[str, KroneckerProjector]:
+        """Per-target projectors in this curvature's eigenbasis that keep only directions low in every
+        (statistics, γ) constraint's energy (`masks.joint_keep_mask`): e.g. the capability at γ and the edits
+        so far at their own γ, so that neither displaces the other as they would under one threshold."""
+        masks = {n: joint_keep_mask(self.eigen[n], [(stats[n], g) for stats, g in constraints]) for n in self.targets}
+        check_kept(masks, max(g for _, g in constraints), "kfac")
+        return {n: KroneckerProjector(self.eigen[n].U_S, self.eigen[n].U_A, m, dtype=dtype, device=device)
+                for n, m in masks.items()}
 
     def kept_report(self, gammas: Sequence[float] = SUMMARY_GAMMAS) -> dict[str, Any]:
         """Fraction of directions kept per target, per-layer and global thresholds (and the NSCL baseline)."""

@@ -10,12 +10,13 @@ Products involving sink directions (λ_A = +inf) are always removed and do not e
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 
 from crispedit.config import Scope
 from crispedit.curvature.eigen import LayerEigen
+from crispedit.curvature.stats import LayerStats
 from crispedit.curvature.energy import energy_cutoff_values
 
 EXACT_SORT_LIMIT = 1 << 25  # above this many products, find the cutoff by bisection instead of a full sort
@@ -87,6 +88,29 @@ def build_masks(eigs: Mapping[str, LayerEigen], gamma: float, scope: str = "laye
         cut = energy_cutoff(list(eigs.values()), gamma)
         return {k: keep_mask(e, cut) for k, e in eigs.items()}
     return {k: keep_mask(e, energy_cutoff([e], gamma)) for k, e in eigs.items()}
+
+
+def basis_energies(e: LayerEigen, stats: LayerStats) -> torch.Tensor:
+    """[d_out, d_in] energy of the K-FAC block S ⊗ A of `stats` on each direction u_i ⊗ v_j of the basis `e`:
+    (u_iᵀ S u_i)(v_jᵀ A v_j), the diagonal of the block in that basis (their sum is the block's trace; exactly the
+    eigenvalue products when `e` is the block's own eigenbasis). Sink columns (always removed) get 0."""
+    A, S = stats.factors()
+    dS = torch.einsum("ij,ik,kj->j", e.U_S, S.to(e.U_S), e.U_S).clamp_min(0.0)
+    dA = torch.einsum("ij,ik,kj->j", e.U_A, A.to(e.U_A), e.U_A).clamp_min(0.0)
+    dA[: e.n_sink] = 0.0
+    return torch.outer(dS, dA)
+
+
+def joint_keep_mask(e: LayerEigen, constraints: Sequence[tuple[LayerStats, float]]) -> torch.Tensor:
+    """Bool (d_out, d_in) over the basis `e`: a direction is kept when, for every (statistics, γ) constraint, it is
+    not among the directions of largest energy (`basis_energies`) that hold γ of that constraint's energy. Each
+    constraint gets its own budget, so one cannot displace another's (sink columns are always removed)."""
+    keep = torch.ones(e.d_out, e.d_in, dtype=torch.bool, device=e.U_S.device)
+    keep[:, : e.n_sink] = False
+    for stats, gamma in constraints:
+        energy = basis_energies(e, stats)
+        keep &= energy < energy_cutoff_values(energy, gamma)
+    return keep
 
 
 def mask_report(e: LayerEigen, keep: torch.Tensor) -> dict:

@@ -58,6 +58,10 @@ class EditJob:
                                              "sequences count in the statistics: sequence (every position, the "
                                              "paper) or edit-positions (where the change acted while training); "
                                              "a resumed state keeps its own")
+    edit_gamma: float | None = option(None, "sequential: threshold the capability (at γ) and the edits so far (at "
+                                            "this γ) each on its own energy, instead of their merged statistics at "
+                                            "γ; a resumed state keeps its own", low=0.0, low_open=True, high=1.0,
+                                      high_open=True, metavar="G")
     save_model: bool = option(True, "write the edited model (model/) besides the delta",
                               off_help="write only the delta")
     allow_cache_mismatch: bool = option(False, "use a cache computed for other weights anyway")
@@ -215,7 +219,7 @@ def run_edit(model, tokenizer, job: EditJob, out: str | Path, overwrite: bool = 
         else:
             ed = SequentialEditor.create(state, model, curvature, job.cfg, edit_weight=job.edit_weight,
                                          base_fingerprint=fingerprint, chunk_size=job.chunk_size,
-                                         edit_statistics=job.edit_statistics)
+                                         edit_statistics=job.edit_statistics, edit_gamma=job.edit_gamma)
         start = ed.remaining(job.requests, job.chunk_size)  # a resumed state continues after its last chunk
         results = []
         t_seq = time.perf_counter()

@@ -8,6 +8,9 @@ Everything needed to continue lives in one state folder — no earlier edit text
     STATE/curvature/            accumulated statistics (a regular curvature cache, sink sums kept whole so
                                 that a resumed run re-decomposes exactly what an uninterrupted one does)
     STATE/weights.safetensors   the base and current target weights (float32 ΔW = current − base)
+    STATE/capability/, STATE/edits/   with separate thresholds (`edit_gamma`): the capability statistics alone and
+                                the edits' alone (unweighted), each thresholded at its own γ in the basis of the
+                                accumulated statistics
 The folder is replaced after every chunk by a crash-safe swap (crispedit.io), so a run killed at any moment
 leaves the state of the last finished chunk. `remaining` tells a resumed run which requests are not done
 yet: it continues from the first of them with the same chunk boundaries, seeds and statistics, so an
@@ -49,9 +52,12 @@ def request_hash(request: EditRequest) -> str:
 
 class SequentialEditor:
     def __init__(self, path: Path, curvature: Curvature, base: dict[str, torch.Tensor], state: dict[str, Any],
-                 current_fingerprint: str | None = None):
+                 current_fingerprint: str | None = None, capability: Curvature | None = None,
+                 edits: Curvature | None = None):
         self.path = Path(path)
         self.curvature = curvature
+        self.capability = capability  # separate thresholds only: the capability statistics alone
+        self.edits = edits  # separate thresholds only: the edits' statistics so far (None before the first chunk)
         self.base = base
         self.state = state
         self._current_fp = current_fingerprint  # the model's target weights now, when known (not re-hashed)
@@ -71,6 +77,11 @@ class SequentialEditor:
     @property
     def edit_statistics(self) -> str:
         return str(self.state.get("edit_statistics", EditStatistics.SEQUENCE))
+
+    @property
+    def edit_gamma(self) -> float | None:
+        g = self.state.get("edit_gamma")
+        return None if g is None else float(g)
 
     @property
     def done_requests(self) -> list[str]:
@@ -96,15 +107,25 @@ class SequentialEditor:
     def create(cls, path: str | Path, model: nn.Module, curvature: Curvature, cfg: EditConfig,
                overwrite: bool = False, edit_weight: int = 1,
                base_fingerprint: str | None = None, chunk_size: int | None = None,
-               edit_statistics: str = EditStatistics.SEQUENCE) -> "SequentialEditor":
+               edit_statistics: str = EditStatistics.SEQUENCE, edit_gamma: float | None = None
+               ) -> "SequentialEditor":
         """`edit_weight` counts each edit token that many times when a chunk's statistics are merged: a few
         hundred edit tokens against tens of thousands of capability tokens otherwise hold little curvature
         energy, and the γ threshold barely protects earlier edits. `edit_statistics`: which positions of a
-        chunk's training sequences count (`EditStatistics`). `base_fingerprint`: the model's targeted
-        weights fingerprint when the caller has already checked the model against `curvature`."""
+        chunk's training sequences count (`EditStatistics`). `edit_gamma`: threshold the capability (at the
+        config's γ) and the accumulated edits (at this γ) separately, each on its own energy, instead of the merged
+        statistics at one γ (where edit energy displaces capability energy); the merged statistics still give the
+        basis. `base_fingerprint`: the model's targeted weights fingerprint when the caller has already checked
+        the model against `curvature`."""
         if edit_statistics not in EditStatistics.values():
             raise CrispEditError(f"edit_statistics must be one of {', '.join(EditStatistics.values())}, got "
                                  f"{edit_statistics!r}")
+        if edit_gamma is not None:
+            if not 0.0 < edit_gamma < 1.0:
+                raise CrispEditError(f"edit_gamma must be in (0, 1), got {edit_gamma}")
+            if cfg.projection != "kfac" or cfg.scope != "layer":
+                raise CrispEditError(f"edit_gamma (separate thresholds) needs the crispedit projection with per-layer "
+                                     f"thresholds, not method {cfg.method!r} with scope {cfg.scope!r}")
         path = Path(path)
         recover_dir(path)
         if path.exists() and any(path.iterdir()) and not overwrite:
@@ -117,10 +138,12 @@ class SequentialEditor:
         state = {"format": STATE_FORMAT, "format_version": STATE_VERSION, "targets": targets,
                  "base_weights_sha256": base_fingerprint, "config": cfg.to_json(),
                  "chunk_size": chunk_size, "chunks": [], "n_edits": 0, "edit_weight": int(edit_weight),
-                 "edit_statistics": str(edit_statistics), "done_requests": []}
+                 "edit_statistics": str(edit_statistics), "done_requests": [],
+                 "edit_gamma": None if edit_gamma is None else float(edit_gamma)}
         if int(edit_weight) != edit_weight or edit_weight < 1:
             raise CrispEditError(f"the edit statistics weight must be a positive integer, got {edit_weight}")
-        ed = cls(path, curvature, base, state, current_fingerprint=base_fingerprint)
+        ed = cls(path, curvature, base, state, current_fingerprint=base_fingerprint,
+                 capability=curvature if edit_gamma is not None else None)
         ed._save(model)
         return ed
 
@@ -150,13 +173,18 @@ class SequentialEditor:
             raise CrispEditError(f"{path} was started from other base weights than this model's "
                                  "(pass the same base model the state was created with)")
         curvature = Curvature.load(path / "curvature", model=None)
+        capability = edits = None
+        if state.get("edit_gamma") is not None:
+            capability = Curvature.load(path / "capability", model=None)
+            if (path / "edits").is_dir():
+                edits = Curvature.load(path / "edits", model=None)
         w = load_file(str(path / "weights.safetensors"))
         base = {n: w[f"{n}.base"] for n in targets}
         with torch.no_grad():
             for n in targets:
                 W = target_weight(model, n)
                 W.copy_(w[f"{n}.current"].to(device=W.device, dtype=W.dtype))
-        return cls(path, curvature, base, state)
+        return cls(path, curvature, base, state, capability=capability, edits=edits)
 
     def edit_chunk(self, model: nn.Module, tokenizer, requests: Sequence[EditRequest], progress: bool = False,
                    cfg: EditConfig | None = None) -> EditResult:
@@ -164,8 +192,14 @@ class SequentialEditor:
         cfg = cfg or self.config
         k = len(self.state["chunks"])
         cfg = dataclasses.replace(cfg, seed=cfg.seed + k)
+        projectors = None
+        if self.edit_gamma is not None:
+            constraints = [(self.capability.stats, cfg.gamma)]
+            if self.edits is not None:
+                constraints.append((self.edits.stats, self.edit_gamma))
+            projectors = self.curvature.joint_projectors(constraints, device=next(model.parameters()).device)
         result = edit(model, tokenizer, requests, self.targets, cfg, curvature=self.curvature, progress=progress,
-                      record={"chunk": k}, base_fingerprint=self._current_fp)
+                      projectors=projectors, record={"chunk": k}, base_fingerprint=self._current_fp)
         self._current_fp = result.delta.record["edited_weights_sha256"]
         prefixes = result.delta.record.get("prefixes") or []
         contexts = result.delta.record.get("training_contexts") or list(cfg.contexts)
@@ -178,6 +212,9 @@ class SequentialEditor:
         ccfg = dataclasses.replace(base_cfg, seed=base_cfg.seed + 7919 * (k + 1))
         chunk_stats = collect_lm_stats(model, seqs, self.targets, ccfg, pad_id=pad_id_of(tokenizer), progress=False,
                                        desc="edit statistics", positions=positions)
+        if self.edit_gamma is not None:
+            edits = chunk_stats.clone() if self.edits is None else self.edits.stats.clone().add_(chunk_stats)
+            self.edits = Curvature.from_stats(edits, dict(self.curvature.record, corpora=[{"source": "edits"}]))
         stats = self.curvature.stats.clone().add_(chunk_stats.scaled_(self.edit_weight))
         record = dict(self.curvature.record)
         record["corpora"] = list(record.get("corpora", [])) + [
@@ -191,7 +228,8 @@ class SequentialEditor:
                                      "requests_sha256": result.delta.record["requests_sha256"],
                                      "edit_tokens": sum(map(len, seqs)) if positions is None else sum(
                                          len(s) if p is None else len(p) for s, p in zip(seqs, positions)),
-                                     "edit_weight": self.edit_weight, "edit_statistics": self.edit_statistics})
+                                     "edit_weight": self.edit_weight, "edit_statistics": self.edit_statistics,
+                                     "edit_gamma": self.edit_gamma})
         self.state["n_edits"] += len(requests)
         self.state["done_requests"] = self.done_requests + [request_hash(r) for r in requests]
         self._save(model)
@@ -215,5 +253,9 @@ class SequentialEditor:
             tensors[f"{n}.current"] = target_weight(model, n).detach().cpu().contiguous()
         with atomic_dir(self.path, overwrite=True, kind="sequential-state") as tmp:
             self.curvature.save(tmp / "curvature", compact_sink=False)
+            if self.capability is not None:
+                self.capability.save(tmp / "capability", compact_sink=False)
+            if self.edits is not None:
+                self.edits.save(tmp / "edits", compact_sink=False)
             save_file(tensors, str(tmp / "weights.safetensors"))
             (tmp / "state.json").write_text(json.dumps(self.state, indent=2) + "\n")
