@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import time
 from pathlib import Path
 
@@ -231,7 +232,9 @@ def main() -> None:
                       "forward": delta.record.get("forward") if delta else None,
                       "diagnostics": delta.record.get("diagnostics") if delta else None,
                       "device": args.device, "dtype": args.dtype,
-                      "peak_cuda_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else None}
+                      "peak_cuda_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else None,
+                      # the whole process so far (two models, the cache, every earlier run), not this edit alone
+                      "process_peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
             if chunk_log is not None:
                 record["chunks"] = chunk_reliability(em["per_request"], chunk_log)
             if not args.slim:
