@@ -46,6 +46,8 @@ def parse_args():
     p.add_argument("--data", action="append", required=True, metavar="NAME=PATH:N")
     p.add_argument("--out", required=True, help="a folder (one JSON per run) or, with --jsonl, a .jsonl file")
     p.add_argument("--jsonl", action="store_true", help="append one line per run to OUT instead")
+    p.add_argument("--save-deltas", default=None,
+                   help="a folder: save each run's delta there (NAME-DATA/, a delta folder) for later analysis")
     p.add_argument("--slim", action="store_true", help="leave the per-request generations out of the results")
     p.add_argument("--heldout", type=int, default=32, help="held-out Wikipedia chunks for perplexity/KL")
     p.add_argument("--contexts", default="qa,chat,raw")
@@ -223,6 +225,8 @@ def main() -> None:
             bench = {b: run_mc_benchmark(b, model, tok, args.benchmark_limit, 0, None, 16) for b in benches}
             rep = build_report(edit=em, capability=cap.to_json(), benchmarks=bench, config=run)
             if delta is not None:
+                if args.save_deltas:
+                    delta.save(Path(args.save_deltas) / f"{run['name']}-{dname}", overwrite=True)
                 delta.revert(model)
             record = {"run": run, "data": dname, "n": len(requests), "targets": targets, "summary": rep.summary,
                       "steps": res.steps if res else 0, "stopped": res.stopped if res else None,
