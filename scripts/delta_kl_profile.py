@@ -62,9 +62,6 @@ def main() -> None:
         print(split, "KL along the path", rows[f"path_{split}"], flush=True)
     rows["single_layer_heldout"] = {n: kl({n: 1.0}, "heldout") for n in base}
     print("single layers", rows["single_layer_heldout"], flush=True)
-    with torch.no_grad():
-        for n, b in base.items():
-            target_weight(model, n).copy_(b)
     with open(args.out, "w") as f:
         json.dump(rows, f, indent=2)
 
