@@ -576,6 +576,13 @@ class EditConfig(ConfigBase):
     max_kl: float | None = option(None, "KL budget: back the edit off until KL(base||edited) on held-out text is at "
                                         "most this many nats per token", low=0.0, low_open=True)
     budget_samples: int = option(32, "held-out chunks the KL budget is measured on", low=1)
+    replay: int = option(0, "capability replay: chunks of capability text (the curvature corpus's training split) "
+                            "per step whose next-token KL(base||edited) is added to the edit loss, so the measured "
+                            "capability divergence itself constrains training (0: off)", low=0)
+    replay_weight: float = option(1.0, "weight λ of the replay KL term in the edit loss", low=0.0)
+    replay_samples: int = option(128, "chunks in the replay pool (cycled through in a shuffled order)", low=1)
+    replay_length: int = option(128, "tokens per replay chunk, at most (the step's extra cost grows with replay x "
+                                     "replay_length)", low=2)
 
     def _validate(self) -> None:
         if self.method not in PROJECTION_FOR_METHOD:

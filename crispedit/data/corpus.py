@@ -289,3 +289,15 @@ def build_corpus(tokenizer, source: str | os.PathLike | None = None, n_samples: 
         split_seed=split_seed, n_documents=len(part), n_chunks_available=len(chunks), sequences=selected,
         fingerprint=fingerprint,
     )
+
+
+def corpus_of_curvature(tokenizer, curvature, split: str, n_samples: int, seed: int = 0) -> CapabilityCorpus:
+    """`n_samples` chunks of one split of the corpus `curvature` was collected on (its record's first corpus, cut
+    the same way; the embedded Wikipedia excerpt when `curvature` is None or names none). The held-out split is
+    text the curvature never saw; the training split is the text it is estimated from."""
+    first = ((curvature.record.get("corpora") or [{}])[0] if curvature is not None else {}) or {}
+    source = None if first.get("source") in (None, "wikipedia") else first["source"]
+    defaults = CorpusConfig()
+    return build_corpus(tokenizer, source, n_samples=n_samples, max_length=defaults.max_length, seed=seed,
+                        split=split, heldout_fraction=first.get("heldout_fraction", defaults.heldout_fraction),
+                        split_seed=first.get("split_seed", 0), text_field=first.get("text_field", defaults.text_field))

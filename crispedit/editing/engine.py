@@ -23,6 +23,7 @@ from crispedit.editing.forward import EditForward, per_sequence_mean
 from crispedit.formatting import EncodedPair
 from crispedit.editing.lora import LoRAAdam
 from crispedit.editing.optim import ProjectedAdam
+from crispedit.editing.replay import CapabilityReplay, coarse_kl, with_rest
 from crispedit.errors import CrispEditError, DivergenceError
 from crispedit.models.runtime import frozen_parameters, pad_id_of
 from crispedit.models.targets import as_weight_matrix, weight_matrix
@@ -55,9 +56,12 @@ def build_projectors(curvature, cfg: EditConfig, device) -> dict[str, Any] | Non
 
 def edit(model: nn.Module, tokenizer, requests: Sequence[EditRequest], targets: Sequence[str], cfg: EditConfig,
          curvature=None, projectors: Mapping[str, Any] | None = None, progress: bool = False,
-         record: dict[str, Any] | None = None, base_fingerprint: str | None = None) -> EditResult:
+         record: dict[str, Any] | None = None, base_fingerprint: str | None = None,
+         replay_sequences: Sequence[Sequence[int]] | None = None) -> EditResult:
     """Edit `model` in place and return the delta (with its record). On NaN/inf the weights are restored.
-    `base_fingerprint`: the targeted weights' fingerprint when the caller already knows it (not re-hashed)."""
+    `base_fingerprint`: the targeted weights' fingerprint when the caller already knows it (not re-hashed).
+    `replay_sequences`: the capability chunks of `cfg.replay` (default: `cfg.replay_samples` chunks of the
+    curvature corpus's training split)."""
     from crispedit.data.readers import requests_fingerprint
     from crispedit.models.fingerprint import check_untied, weights_fingerprint
 
@@ -92,6 +96,15 @@ def edit(model: nn.Module, tokenizer, requests: Sequence[EditRequest], targets: 
                       cache_kv=cfg.cache_positions)
     anchor_kl = AnchorKL(fwd, range(len(seqs), len(pairs)), gen) if anchors else None
     lengths = fwd.run_lengths()[:len(seqs)]  # batches group sequences of similar cost
+    replay, replay_corpus = None, None
+    if cfg.replay:
+        if replay_sequences is None:
+            from crispedit.data.corpus import corpus_of_curvature
+
+            corpus = corpus_of_curvature(tokenizer, curvature, "train", cfg.replay_samples, seed=1)
+            replay_sequences, replay_corpus = corpus.sequences, corpus.describe()
+        replay = CapabilityReplay(model, replay_sequences, pad_id, gen, per_step=cfg.replay,
+                                  max_length=cfg.replay_length)
 
     params = {n: m.weight for n, m in modules.items()}
     frozen = frozen_parameters(model, trainable=params.values())  # only the target weights are trained
@@ -101,6 +114,7 @@ def edit(model: nn.Module, tokenizer, requests: Sequence[EditRequest], targets: 
     epoch_losses: list[float] = []
     request_losses: list[list[float]] = []
     anchor_losses: list[float] = []
+    replay_losses: list[float] = []
     stopped, step = "epochs", 0
     t0 = time.perf_counter()
     model.eval()  # no dropout: the edit loss is deterministic
@@ -122,6 +136,10 @@ def edit(model: nn.Module, tokenizer, requests: Sequence[EditRequest], targets: 
                     kl = anchor_kl.step(len(idx) * len(anchors) / len(seqs))
                     anchor_losses.append(float(kl.detach()))
                     loss = loss + cfg.anchor_weight * kl
+                if replay is not None:
+                    rkl = replay.step()
+                    replay_losses.append(float(rkl.detach()))
+                    loss = loss + cfg.replay_weight * rkl
                 step += 1
                 if not torch.isfinite(loss):
                     raise DivergenceError(f"step {step}: the edit loss is {float(loss)}")
@@ -179,6 +197,8 @@ def edit(model: nn.Module, tokenizer, requests: Sequence[EditRequest], targets: 
         training_sequences=len(seqs),
         prefixes=prefixes,
         anchors={"n": len(anchors), "kl_per_step": anchor_losses} if anchors else None,
+        replay=None if replay is None else {"chunks": len(replay.sequences), "per_step": replay.per_step,
+                                            "corpus": replay_corpus, "kl_per_step": replay_losses},
         edit_positions=None if active is None else {
             "sequences_with_subject": sum(a is not None for a in active[:len(seqs)]), "sequences": len(seqs)},
     )
@@ -222,7 +242,7 @@ class AnchorKL:
                 lp = torch.log_softmax(fwd.last_logits(self.indices[s:s + batch_size]).double(), -1)
                 top = torch.topk(lp, min(self.TOP_K, lp.shape[-1]), dim=-1)
                 ids.append(top.indices)
-                logp.append(_with_rest(top.values))
+                logp.append(with_rest(top.values))
         self.top_ids = torch.cat(ids)  # [n_anchors, k]
         self.top_logp = torch.cat(logp)  # [n_anchors, k + 1]: log p_base of the top-k tokens, then of the rest
         self.order: list[int] = []
@@ -239,17 +259,10 @@ class AnchorKL:
                 self.order = torch.randperm(len(self.indices), generator=self.gen).tolist()
             take.append(self.order.pop())
         take = take[: len(self.indices)]
-        logp = torch.log_softmax(self.fwd.last_logits([self.indices[k] for k in take]).double(), -1)
-        rows = torch.tensor(take, device=logp.device)
-        ids, ref = self.top_ids[rows].to(logp.device), self.top_logp[rows].to(logp.device)
-        mine = _with_rest(logp.gather(-1, ids))
-        return (ref.exp() * (ref - mine)).sum(-1).mean().float()
-
-
-def _with_rest(top_logp: torch.Tensor) -> torch.Tensor:
-    """[..., k] log-probabilities of k tokens → [..., k + 1] with the log-probability of all other tokens."""
-    rest = torch.log1p(-top_logp.exp().sum(-1, keepdim=True).clamp(max=1 - 1e-12))
-    return torch.cat([top_logp, rest], -1)
+        logits = self.fwd.last_logits([self.indices[k] for k in take])
+        rows = torch.tensor(take, device=logits.device)
+        ids, ref = self.top_ids[rows].to(logits.device), self.top_logp[rows].to(logits.device)
+        return coarse_kl(ref, ids, logits).mean().float()
 
 
 def epoch_batches(lengths: Sequence[int], batch_size: int, gen: torch.Generator, window: int = 0) -> list[list[int]]:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from crispedit.config import LAYERS_HELP, CorpusConfig, EditConfig, EditStatistics, option
+from crispedit.config import LAYERS_HELP, EditConfig, EditStatistics, option
 from crispedit.data.readers import check_requests_fit, max_positions
 from crispedit.data.records import EditRequest
 from crispedit.errors import ConfigError, CrispEditError, OutputExistsError
@@ -271,16 +271,11 @@ def apply_kl_budget(model, tokenizer, delta, cfg: EditConfig, curvature=None) ->
     """Back the applied edit off until KL(base ‖ edited) ≤ cfg.max_kl on held-out text: the held-out split of the
     corpus the curvature was collected on (the embedded Wikipedia excerpt by default), which the curvature never
     saw. Returns the certificate (also written into the delta's record)."""
-    from crispedit.data.corpus import build_corpus
+    from crispedit.data.corpus import corpus_of_curvature
     from crispedit.editing.budget import enforce_kl_budget
     from crispedit.evaluation.generation import pad_id_of
 
-    first = ((curvature.record.get("corpora") or [{}])[0] if curvature is not None else {}) or {}
-    source = None if first.get("source") in (None, "wikipedia") else first["source"]
-    defaults = CorpusConfig()
-    heldout = build_corpus(tokenizer, source, n_samples=cfg.budget_samples, max_length=defaults.max_length,
-                           split="heldout", heldout_fraction=first.get("heldout_fraction", defaults.heldout_fraction),
-                           split_seed=first.get("split_seed", 0), text_field=first.get("text_field", defaults.text_field))
+    heldout = corpus_of_curvature(tokenizer, curvature, "heldout", cfg.budget_samples)
     cert = enforce_kl_budget(model, delta, heldout.sequences, cfg.max_kl, pad_id=pad_id_of(tokenizer))
     cert["corpus"] = heldout.describe()
     delta.record["kl_budget"] = cert
