@@ -4,6 +4,9 @@
     python scripts/kl_budget_curve.py --cache CACHE --recipe chosen.json --data cf=PATH:100 \\
         --eps 0.002,0.005,0.01,0.02,0.05 --out runs/kl_budget.jsonl --png docs/results/kl_budget.png
     python scripts/kl_budget_curve.py --replot runs/kl_budget.jsonl --png docs/results/kl_budget.png
+
+`--delta DIR` backs off a saved delta (e.g. one written by `wild_ablation.py --save-deltas`) instead of editing;
+`--no-full` skips the evaluation of the unscaled edit (ε = none).
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ def main() -> None:
     ap.add_argument("--gen-batch", type=int, default=32)
     ap.add_argument("--out")
     ap.add_argument("--png", default=None)
+    ap.add_argument("--delta", default=None, help="a saved delta folder to back off (no edit is run)")
+    ap.add_argument("--no-full", action="store_true", help="do not evaluate the unscaled edit")
     ap.add_argument("--replot", default=None, metavar="JSONL", help="only draw --png from the rows of an earlier run")
     a = ap.parse_args()
     if a.replot:
@@ -65,17 +70,22 @@ def main() -> None:
     held = build_corpus(tok, None, n_samples=a.heldout + a.eval_heldout, max_length=256, split="heldout")
     budget_seqs, report_seqs = held.sequences[:a.heldout], held.sequences[a.heldout:]
     t = time.perf_counter()
-    res = edit(model, tok, requests, targets, EditConfig(**fields), curvature=cur, progress=False)
-    t_edit = time.perf_counter() - t
-    full = {n_: d.clone() for n_, d in res.delta.deltas.items()}
-    record = dict(res.delta.record)
-    res.delta.revert(model)
+    if a.delta:
+        saved = EditDelta.load(a.delta)
+        saved.apply(model)
+        t_edit = saved.record.get("seconds")
+    else:
+        saved = edit(model, tok, requests, targets, EditConfig(**fields), curvature=cur, progress=False).delta
+        t_edit = time.perf_counter() - t
+    full = {n_: d.clone() for n_, d in saved.deltas.items()}
+    record = dict(saved.record)
+    saved.revert(model)
     base_w = {n_: target_weight(model, n_).detach().clone() for n_ in targets}
     memo: dict = {}
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
-    for eps in [None] + [float(x) for x in a.eps.split(",")]:
+    for eps in ([] if a.no_full else [None]) + [float(x) for x in a.eps.split(",")]:
         delta = EditDelta.from_base(model, base_w, full, dict(record))  # the model now holds the full edit
         cert = None if eps is None else enforce_kl_budget(model, delta, budget_seqs, eps, pad_id=pad_id_of(tok))
         em = evaluate_edits(model, tok, requests, base_model=base, teacher_forced=False,
@@ -85,7 +95,7 @@ def main() -> None:
         s = build_report(edit=em, capability=cap.to_json()).summary
         row = {"eps": eps, "scale": cert["scale"] if cert else 1.0,
                "kl_certified": cert["kl_nats_per_token"] if cert else None, "summary": s, "data": name,
-               "n": len(requests), "edit_seconds": t_edit, "recipe": run}
+               "n": len(requests), "edit_seconds": t_edit, "recipe": run, "delta": a.delta}
         rows.append(row)
         with out.open("a") as f:
             f.write(json.dumps(row) + "\n")
