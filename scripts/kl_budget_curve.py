@@ -70,16 +70,15 @@ def main() -> None:
     held = build_corpus(tok, None, n_samples=a.heldout + a.eval_heldout, max_length=256, split="heldout")
     budget_seqs, report_seqs = held.sequences[:a.heldout], held.sequences[a.heldout:]
     t = time.perf_counter()
-    if a.delta:
+    if a.delta:  # the model holds its base weights
         saved = EditDelta.load(a.delta)
-        saved.apply(model)
         t_edit = saved.record.get("seconds")
     else:
         saved = edit(model, tok, requests, targets, EditConfig(**fields), curvature=cur, progress=False).delta
         t_edit = time.perf_counter() - t
+        saved.revert(model)
     full = {n_: d.clone() for n_, d in saved.deltas.items()}
     record = dict(saved.record)
-    saved.revert(model)
     base_w = {n_: target_weight(model, n_).detach().clone() for n_ in targets}
     memo: dict = {}
     out = Path(a.out)

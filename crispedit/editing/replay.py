@@ -66,7 +66,7 @@ class CapabilityReplay:
         with torch.no_grad():
             for s in range(0, len(self.sequences), batch_size):
                 idx = list(range(s, min(s + batch_size, len(self.sequences))))
-                logits, mask = self._logits(idx)
+                logits = self._logits(idx)
                 for r, i in enumerate(idx):
                     n = len(self.sequences[i]) - 1
                     lp = torch.log_softmax(logits[r, :n].double(), -1)
@@ -74,12 +74,11 @@ class CapabilityReplay:
                     self.top_ids.append(top.indices.to(torch.int32).cpu())
                     self.top_logp.append(with_rest(top.values).to(store).cpu())
         self.order: list[int] = []
-        self.steps = 0
 
-    def _logits(self, idx: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _logits(self, idx: Sequence[int]) -> torch.Tensor:
         batch = collate([self.sequences[i] for i in idx], self.pad_id)
         ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
-        return self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits, mask
+        return self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
 
     def next_chunks(self) -> list[int]:
         take: list[int] = []
@@ -91,7 +90,7 @@ class CapabilityReplay:
 
     def kl(self, idx: Sequence[int]) -> torch.Tensor:
         """Mean per-token coarsened KL(base ‖ current model) over the chunks `idx` (differentiable)."""
-        logits, _ = self._logits(idx)
+        logits = self._logits(idx)
         rows, ids, ref = [], [], []
         for r, i in enumerate(idx):
             n = len(self.sequences[i]) - 1
@@ -103,5 +102,4 @@ class CapabilityReplay:
         return per_token.mean().to(logits.dtype if logits.dtype == torch.float64 else torch.float32)
 
     def step(self) -> torch.Tensor:
-        self.steps += 1
         return self.kl(self.next_chunks())
