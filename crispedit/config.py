@@ -109,6 +109,14 @@ class LossReduction(Choice):
     SEQUENCE = "sequence"
 
 
+class LRSchedule(Choice):
+    """How the learning rate moves over the edit's step budget."""
+
+    CONSTANT = "constant"
+    COSINE = "cosine"
+    LINEAR = "linear"
+
+
 class EditPositions(Choice):
     """Where the edited weights' change acts while the edit is trained: at every token, or only at the subject's
     tokens (ROME/MEMIT's key: the subject's representation carries the fact, the template's does not)."""
@@ -539,6 +547,9 @@ class EditConfig(ConfigBase):
                                              "eigenbasis (exact); update: project Adam's step; grad: project the "
                                              "gradient before Adam (the authors' code; leaks)")
     lr: float = option(5e-3, "Adam learning rate", low=0.0, low_open=True)
+    lr_schedule: LRSchedule = option(LRSchedule.CONSTANT, "constant; cosine or linear: decay the lr to 0 over the "
+                                     "step budget (epochs x batches per epoch, or max_steps). Adam moves each kept "
+                                     "coordinate about lr per step, so a decay shortens the weights' path")
     epochs: int = option(25, "passes over the edit requests, at most", low=1)
     batch_size: int = option(32, "training sequences per step", low=1)
     early_stop_loss: float = option(0.01, "stop when an epoch's mean edit loss is below this", low=0.0,
@@ -668,6 +679,7 @@ __all__ = [
     "Labels",
     "LoadConfig",
     "LossReduction",
+    "LRSchedule",
     "Method",
     "PROJECTION_FOR_METHOD",
     "ProjectionMode",

@@ -120,3 +120,4 @@ def test_replay_options_are_validated():
         EditConfig(replay=-1)
     with pytest.raises(ConfigError, match="replay_weight"):
         EditConfig(replay=1, replay_weight=-0.5)
+

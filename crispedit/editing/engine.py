@@ -116,6 +116,7 @@ def edit(model: nn.Module, tokenizer, requests: Sequence[EditRequest], targets: 
     anchor_losses: list[float] = []
     replay_losses: list[float] = []
     stopped, step = "epochs", 0
+    budget = planned_steps(len(seqs), cfg)
     t0 = time.perf_counter()
     model.eval()  # no dropout: the edit loss is deterministic
     try:
@@ -143,6 +144,7 @@ def edit(model: nn.Module, tokenizer, requests: Sequence[EditRequest], targets: 
                 step += 1
                 if not torch.isfinite(loss):
                     raise DivergenceError(f"step {step}: the edit loss is {float(loss)}")
+                opt.lr = scheduled_lr(cfg, step - 1, budget)
                 grads = torch.autograd.grad(loss, list(params.values()))
                 gmats = {n: as_weight_matrix(modules[n], g) for n, g in zip(params, grads)}
                 with torch.no_grad():
@@ -191,6 +193,7 @@ def edit(model: nn.Module, tokenizer, requests: Sequence[EditRequest], targets: 
         steps=step,
         epochs=len(epoch_losses),
         stopped=stopped,
+        lr_schedule={"kind": str(cfg.lr_schedule), "budget_steps": budget, "final_lr": opt.lr},
         seconds=seconds,
         forward=fwd.describe(),
         training_contexts=list(contexts),
@@ -209,6 +212,28 @@ def edit(model: nn.Module, tokenizer, requests: Sequence[EditRequest], targets: 
                 epoch_losses[-1] if epoch_losses else math.nan, seconds)
     return EditResult(delta, step_losses, epoch_losses, request_losses, step_seconds, step, len(epoch_losses),
                       stopped, seconds, diag)
+
+
+def planned_steps(n_sequences: int, cfg: EditConfig) -> int:
+    """The step budget a learning-rate schedule spans: every epoch's batches (what `epoch_batches` cuts for
+    `n_sequences`), capped by `max_steps`. Early stopping may end the run before it."""
+    span = cfg.batch_size * max(cfg.length_window, 1)
+    per_epoch = 0
+    for w in range(0, n_sequences, span):
+        per_epoch += math.ceil(min(span, n_sequences - w) / cfg.batch_size)
+    total = per_epoch * cfg.epochs
+    return min(total, cfg.max_steps) if cfg.max_steps else total
+
+
+def scheduled_lr(cfg: EditConfig, step: int, budget: int) -> float:
+    """The lr of step `step` (0-based) of `budget`: constant, or decayed towards 0 at the end of the budget
+    (cosine: lr·½(1 + cos(π·step/budget)); linear: lr·(1 − step/budget)); past the budget, 0."""
+    frac = min(step / max(budget, 1), 1.0)
+    if cfg.lr_schedule == "cosine":
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * frac))
+    if cfg.lr_schedule == "linear":
+        return cfg.lr * (1.0 - frac)
+    return cfg.lr
 
 
 def training_positions(seqs: Sequence[Any], where: str, n_extra: int = 0) -> list[tuple[int, ...] | None] | None:
