@@ -109,6 +109,13 @@ class LossReduction(Choice):
     SEQUENCE = "sequence"
 
 
+class AdamScale(Choice):
+    """Where Adam's second moment is kept: per coordinate (Adam) or one per target weight."""
+
+    COORDINATE = "coordinate"
+    LAYER = "layer"
+
+
 class LRSchedule(Choice):
     """How the learning rate moves over the edit's step budget."""
 
@@ -547,6 +554,9 @@ class EditConfig(ConfigBase):
                                              "eigenbasis (exact); update: project Adam's step; grad: project the "
                                              "gradient before Adam (the authors' code; leaks)")
     lr: float = option(5e-3, "Adam learning rate", low=0.0, low_open=True)
+    adam_scale: AdamScale = option(AdamScale.COORDINATE, "Adam's second moment: coordinate (Adam: each kept "
+                                   "coordinate moves about lr per step) or layer (one per target: the step follows "
+                                   "the momentum, so coordinates the gradient does not reach stay put)")
     lr_schedule: LRSchedule = option(LRSchedule.CONSTANT, "constant; cosine or linear: decay the lr to 0 over the "
                                      "step budget (epochs x batches per epoch, or max_steps). Adam moves each kept "
                                      "coordinate about lr per step, so a decay shortens the weights' path")
@@ -602,6 +612,9 @@ class EditConfig(ConfigBase):
         if self.max_kl is not None and not math.isfinite(self.max_kl):
             raise ConfigError(f"EditConfig.max_kl must be a positive number of nats per token, got {self.max_kl}",
                               field="max_kl", value=self.max_kl)
+        if self.method == Method.LORA and self.adam_scale != AdamScale.COORDINATE:
+            raise ConfigError("EditConfig.adam_scale 'layer' is not implemented for method 'lora'",
+                              field="adam_scale", value=self.adam_scale)
         if not self.contexts and self.prefixes == 0:
             raise ConfigError("EditConfig.contexts is empty and prefixes is 0: no training sequences",
                               field="contexts", value=self.contexts)
@@ -665,6 +678,7 @@ class DemoConfig(ConfigBase):
 
 
 __all__ = [
+    "AdamScale",
     "Benchmark",
     "Choice",
     "CollectConfig",

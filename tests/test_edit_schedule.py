@@ -1,6 +1,7 @@
-"""The learning-rate schedule: its step budget is exactly the batches the epochs cut, the lr follows the
-documented formula, and a decayed run moves the weights less far while it still trains the edit (Adam moves each
-coordinate about lr per step, so the schedule is the lever on the path's length)."""
+"""The path of the weights: the learning-rate schedule (its step budget is exactly the batches the epochs cut,
+the lr follows the documented formula, a decayed run moves the weights less far while it still trains the edit)
+and Adam's second moment kept per target (a step along the gradient, normalised by its RMS over the kept
+coordinates), the two levers on how far Adam moves coordinates the edit does not need."""
 
 from __future__ import annotations
 
@@ -61,3 +62,49 @@ def test_an_unknown_lr_schedule_is_refused():
 
     with pytest.raises(ConfigError, match="lr_schedule"):
         EditConfig(lr_schedule="step")
+
+
+def _random_projector(d_out: int = 6, d_in: int = 5, seed: int = 0):
+    from crispedit.curvature.projector import KroneckerProjector
+
+    g = torch.Generator().manual_seed(seed)
+    U_S = torch.linalg.qr(torch.randn(d_out, d_out, generator=g, dtype=torch.float64))[0]
+    U_A = torch.linalg.qr(torch.randn(d_in, d_in, generator=g, dtype=torch.float64))[0]
+    keep = torch.rand(d_out, d_in, generator=g) > 0.4
+    return KroneckerProjector(U_S, U_A, keep, dtype=torch.float64), g
+
+
+def test_layer_scaled_adam_steps_along_the_gradient_normalised_by_its_kept_rms():
+    from crispedit.editing.optim import ProjectedAdam
+
+    P, g = _random_projector()
+    grad = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    layer = ProjectedAdam({"w": (6, 5)}, {"w": P}, lr=0.1, dtype=torch.float64, scale="layer", eps=1e-300)
+    coord = ProjectedAdam({"w": (6, 5)}, {"w": P}, lr=0.1, dtype=torch.float64, eps=1e-300)
+    Gt = P.rotate_masked(grad)  # the masked gradient in the eigenbasis
+    rms = float(Gt[P.keep].square().mean().sqrt())
+    u = layer.step({"w": grad})["w"]
+    assert torch.allclose(u, P.unrotate_masked(0.1 * Gt / rms), atol=1e-12)  # first step: lr·g/rms(g)
+    assert torch.allclose(P(u), u, atol=1e-12)  # in the kept subspace
+    assert torch.allclose(coord.step({"w": grad})["w"], P.unrotate_masked(0.1 * torch.sign(Gt)), atol=1e-12)
+    # the same mean square step per kept coordinate as Adam's sign step, spread by the gradient's magnitude
+    assert float(P.rotate_masked(u)[P.keep].square().mean()) == pytest.approx(0.01, rel=1e-10)
+    # later steps: bias-corrected running moments, the second one a single number per layer
+    grad2 = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    G2 = P.rotate_masked(grad2)
+    m = (0.9 * 0.1 * Gt + 0.1 * G2) / (1 - 0.9**2)
+    v = (0.999 * 0.001 * Gt[P.keep].square().mean() + 0.001 * G2[P.keep].square().mean()) / (1 - 0.999**2)
+    assert torch.allclose(layer.step({"w": grad2})["w"], P.unrotate_masked(0.1 * m / v.sqrt()), atol=1e-12)
+
+
+def test_a_layer_scaled_edit_trains_and_lora_refuses_it(byte_bpe_tokenizer):
+    from crispedit.editing.engine import edit
+    from crispedit.errors import ConfigError
+
+    model = tiny_llama(byte_bpe_tokenizer)
+    ec = EditConfig(method="ft", lr=2e-2, epochs=6, batch_size=2, edit_positions="all", prefixes=0,
+                    contexts=("raw",), adam_scale="layer", early_stop_loss=1e-9)
+    res = edit(model, byte_bpe_tokenizer, REQUESTS, TARGETS, ec)
+    assert res.epoch_losses[-1] < 0.5 * res.epoch_losses[0]
+    with pytest.raises(ConfigError, match="adam_scale"):
+        EditConfig(method="lora", adam_scale="layer")

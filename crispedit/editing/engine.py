@@ -82,7 +82,8 @@ def edit(model: nn.Module, tokenizer, requests: Sequence[EditRequest], targets: 
     if cfg.method == "lora":
         opt = LoRAAdam(shapes, rank=cfg.lora_rank, alpha=cfg.lora_alpha, lr=cfg.lr, device=device, seed=cfg.seed)
     else:
-        opt = ProjectedAdam(shapes, projectors, lr=cfg.lr, mode=cfg.projection_mode, device=device)
+        opt = ProjectedAdam(shapes, projectors, lr=cfg.lr, mode=cfg.projection_mode, device=device,
+                            scale=cfg.adam_scale)
     pad_id = pad_id_of(tokenizer)
     contexts = training_contexts(tokenizer, cfg.contexts)
     seqs, prefixes = build_training(model, tokenizer, requests, contexts, cfg.prefixes, cfg.seed)
