@@ -108,3 +108,17 @@ def test_a_layer_scaled_edit_trains_and_lora_refuses_it(byte_bpe_tokenizer):
     assert res.epoch_losses[-1] < 0.5 * res.epoch_losses[0]
     with pytest.raises(ConfigError, match="adam_scale"):
         EditConfig(method="lora", adam_scale="layer")
+
+
+def test_spread_of_kept_tells_a_gaussian_walk_from_a_concentrated_change():
+    from crispedit.editing.engine import spread_of_kept
+
+    g = torch.Generator().manual_seed(0)
+    walk = torch.randn(200_000, generator=g, dtype=torch.float64) * 0.2
+    s = spread_of_kept(walk)
+    assert s["kept_coordinate_rms"] == pytest.approx(0.2, rel=0.01)
+    assert s["top_tenth_energy_share"] == pytest.approx(0.44, abs=0.01)  # E[x²; |x| > z₀.₉₅] / E[x²] for a Gaussian
+    few = torch.zeros(1000, dtype=torch.float64)
+    few[:50] = 1.0
+    assert spread_of_kept(few) == {"kept_coordinate_rms": pytest.approx(50**0.5 / 1000**0.5),
+                                   "top_tenth_energy_share": pytest.approx(1.0)}

@@ -318,9 +318,22 @@ def _per_request(per_seq: list[float], owner: list[int], n: int) -> list[float]:
     return [s / c if c else math.nan for s, c in zip(sums, counts)]
 
 
+def spread_of_kept(kept: torch.Tensor) -> dict[str, float]:
+    """How ΔW spreads over its kept eigen-coordinates: their RMS, and the share of ‖ΔW‖² in the largest tenth of
+    them (0.44 for Gaussian-distributed coordinates, 1 for a change held by few). A random walk of Adam's ~lr
+    steps gives RMS ≈ lr·√steps spread like a Gaussian: the path, not the edit, then sets the change."""
+    sq = kept.double().square().flatten()
+    if sq.numel() == 0:
+        return {"kept_coordinate_rms": 0.0, "top_tenth_energy_share": 0.0}
+    top = torch.topk(sq, max(1, sq.numel() // 10)).values.sum()
+    return {"kept_coordinate_rms": float(sq.mean().sqrt()),
+            "top_tenth_energy_share": float(top / max(float(sq.sum()), 1e-300))}
+
+
 def diagnostics(deltas: Mapping[str, torch.Tensor], curvature, cfg: EditConfig) -> dict[str, Any]:
     """How far the edit moved and how much of it is in high-curvature directions, per target:
-    ‖ΔW‖, the share of ‖ΔW‖² outside the kept subspace (at the run's γ/scope), and the predicted capability
+    ‖ΔW‖, the share of ‖ΔW‖² outside the kept subspace (at the run's γ/scope), how it spreads over the kept
+    eigen-coordinates (`spread_of_kept`), and the predicted capability
     loss increase ½ vec(ΔW)ᵀ(S⊗A)vec(ΔW) = ½ Σ (S ΔW A) ⊙ ΔW under the K-FAC model."""
     out: dict[str, Any] = {}
     projs = None
@@ -332,6 +345,7 @@ def diagnostics(deltas: Mapping[str, torch.Tensor], curvature, cfg: EditConfig) 
         if projs is not None:
             removed = projs[n].removed_part(d64)
             row["removed_energy_fraction"] = float(removed.norm() ** 2 / max(float(d64.norm() ** 2), 1e-300))
+            row.update(spread_of_kept(projs[n].rotate(d64)[projs[n].keep]))
             _, S = curvature.stats[n].factors()
             A_full = curvature.stats[n].full_input_factor()
             row["kfac_quadratic_form"] = 0.5 * float(((S.cpu() @ d64 @ A_full.cpu()) * d64).sum())
