@@ -557,6 +557,9 @@ class EditConfig(ConfigBase):
     adam_scale: AdamScale = option(AdamScale.COORDINATE, "Adam's second moment: coordinate (Adam: each kept "
                                    "coordinate moves about lr per step) or layer (one per target: the step follows "
                                    "the momentum, so coordinates the gradient does not reach stay put)")
+    delta_decay: float = option(0.0, "decoupled decay of the change toward the base weights (AdamW's weight decay "
+                                     "on ΔW): each step ΔW ← (1 − lr·decay)·ΔW − step. Bounds Adam's random walk "
+                                     "of each kept coordinate near √(lr/(2·decay)) however many steps run", low=0.0)
     lr_schedule: LRSchedule = option(LRSchedule.CONSTANT, "constant; cosine or linear: decay the lr to 0 over the "
                                      "step budget (epochs x batches per epoch, or max_steps). Adam moves each kept "
                                      "coordinate about lr per step, so a decay shortens the weights' path")
@@ -615,6 +618,12 @@ class EditConfig(ConfigBase):
         if self.method == Method.LORA and self.adam_scale != AdamScale.COORDINATE:
             raise ConfigError("EditConfig.adam_scale 'layer' is not implemented for method 'lora'",
                               field="adam_scale", value=self.adam_scale)
+        if self.method == Method.LORA and self.delta_decay:
+            raise ConfigError("EditConfig.delta_decay is not implemented for method 'lora' (its change is B·A)",
+                              field="delta_decay", value=self.delta_decay)
+        if self.delta_decay * self.lr >= 1.0:
+            raise ConfigError(f"EditConfig.delta_decay × lr must be below 1 (it is the share of ΔW removed per "
+                              f"step), got {self.delta_decay} × {self.lr}", field="delta_decay", value=self.delta_decay)
         if not self.contexts and self.prefixes == 0:
             raise ConfigError("EditConfig.contexts is empty and prefixes is 0: no training sequences",
                               field="contexts", value=self.contexts)

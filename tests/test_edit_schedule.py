@@ -1,7 +1,8 @@
 """The path of the weights: the learning-rate schedule (its step budget is exactly the batches the epochs cut,
-the lr follows the documented formula, a decayed run moves the weights less far while it still trains the edit)
-and Adam's second moment kept per target (a step along the gradient, normalised by its RMS over the kept
-coordinates), the two levers on how far Adam moves coordinates the edit does not need."""
+the lr follows the documented formula, a decayed run moves the weights less far while it still trains the edit),
+Adam's second moment kept per target (a step along the gradient, normalised by its RMS over the kept
+coordinates) and a decoupled decay of ΔW (which bounds Adam's random walk at its stationary scale): the levers on
+how far Adam moves coordinates the edit does not need."""
 
 from __future__ import annotations
 
@@ -97,15 +98,21 @@ def test_layer_scaled_adam_steps_along_the_gradient_normalised_by_its_kept_rms()
     assert torch.allclose(layer.step({"w": grad2})["w"], P.unrotate_masked(0.1 * m / v.sqrt()), atol=1e-12)
 
 
-def test_a_layer_scaled_edit_trains_and_lora_refuses_it(byte_bpe_tokenizer):
+@pytest.mark.parametrize("option", [{"adam_scale": "layer"}, {"delta_decay": 2.0}])
+def test_an_edit_with_a_shorter_path_still_trains(byte_bpe_tokenizer, option):
     from crispedit.editing.engine import edit
-    from crispedit.errors import ConfigError
 
     model = tiny_llama(byte_bpe_tokenizer)
     ec = EditConfig(method="ft", lr=2e-2, epochs=6, batch_size=2, edit_positions="all", prefixes=0,
-                    contexts=("raw",), adam_scale="layer", early_stop_loss=1e-9)
+                    contexts=("raw",), early_stop_loss=1e-9, **option)
     res = edit(model, byte_bpe_tokenizer, REQUESTS, TARGETS, ec)
     assert res.epoch_losses[-1] < 0.5 * res.epoch_losses[0]
+    assert res.delta.record["config"][next(iter(option))] == next(iter(option.values()))
+
+
+def test_lora_refuses_the_layer_scale():
+    from crispedit.errors import ConfigError
+
     with pytest.raises(ConfigError, match="adam_scale"):
         EditConfig(method="lora", adam_scale="layer")
 
@@ -122,3 +129,34 @@ def test_spread_of_kept_tells_a_gaussian_walk_from_a_concentrated_change():
     few[:50] = 1.0
     assert spread_of_kept(few) == {"kept_coordinate_rms": pytest.approx(50**0.5 / 1000**0.5),
                                    "top_tenth_energy_share": pytest.approx(1.0)}
+
+
+def test_delta_decay_bounds_adams_random_walk_at_its_stationary_scale():
+    """Pure-noise gradients: without decay each kept coordinate walks to lr·√T; with a decoupled decay it settles
+    at √(lr/(2·decay)) (stationary variance of x ← (1−λ)x − u with λ = lr·decay and Adam's u of size lr)."""
+    from crispedit.editing.optim import ProjectedAdam
+
+    P, g = _random_projector(40, 30, seed=1)
+    lr, decay, steps = 1e-2, 2.0, 3000
+    walks = {}
+    for d in (0.0, decay):
+        opt = ProjectedAdam({"w": (40, 30)}, {"w": P}, lr=lr, dtype=torch.float64)
+        delta = {"w": torch.zeros(40, 30, dtype=torch.float64)}
+        gen = torch.Generator().manual_seed(7)
+        for _ in range(steps):
+            opt.apply({"w": torch.randn(40, 30, generator=gen, dtype=torch.float64)}, delta, decay=d)
+        assert torch.allclose(P(delta["w"]), delta["w"], atol=1e-10)  # still in the kept subspace
+        walks[d] = float(P.rotate(delta["w"])[P.keep].square().mean().sqrt())
+    assert walks[0.0] == pytest.approx(lr * steps**0.5, rel=0.2)
+    assert walks[decay] == pytest.approx((lr / (2 * decay)) ** 0.5, rel=0.2)
+
+
+def test_delta_decay_is_validated():
+    from crispedit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="delta_decay"):
+        EditConfig(delta_decay=-1.0)
+    with pytest.raises(ConfigError, match="delta_decay"):
+        EditConfig(lr=0.01, delta_decay=100.0)
+    with pytest.raises(ConfigError, match="delta_decay"):
+        EditConfig(method="lora", delta_decay=1.0)

@@ -149,7 +149,10 @@ def edit(model: nn.Module, tokenizer, requests: Sequence[EditRequest], targets: 
                 grads = torch.autograd.grad(loss, list(params.values()))
                 gmats = {n: as_weight_matrix(modules[n], g) for n, g in zip(params, grads)}
                 with torch.no_grad():
-                    opt.apply(gmats, deltas)
+                    if cfg.delta_decay:
+                        opt.apply(gmats, deltas, decay=cfg.delta_decay)
+                    else:
+                        opt.apply(gmats, deltas)
                     for n in deltas:
                         if not torch.isfinite(deltas[n]).all():
                             raise DivergenceError(f"step {step}: the update of {n} is not finite")

@@ -80,8 +80,11 @@ class ProjectedAdam:
                 out[name] = self._adam(name, P(g))
         return out
 
-    def apply(self, grads: Mapping[str, torch.Tensor], deltas: dict[str, torch.Tensor]) -> None:
-        """One step: subtract the (projected) Adam update from each target's ΔW in place."""
+    def apply(self, grads: Mapping[str, torch.Tensor], deltas: dict[str, torch.Tensor], decay: float = 0.0) -> None:
+        """One step: shrink each target's ΔW by the share lr·`decay` (decoupled, as AdamW; a scaled ΔW stays in
+        the kept subspace), then subtract the (projected) Adam update, in place."""
         for name, u in self.step(grads).items():
+            if decay:
+                deltas[name].mul_(1.0 - self.lr * decay)
             deltas[name] -= u
 
