@@ -556,7 +556,7 @@ class EditConfig(ConfigBase):
     lr: float = option(5e-3, "Adam learning rate", low=0.0, low_open=True)
     adam_scale: AdamScale = option(AdamScale.COORDINATE, "Adam's second moment: coordinate (Adam: each kept "
                                    "coordinate moves about lr per step) or layer (one per target: the step follows "
-                                   "the momentum, so coordinates the gradient does not reach stay put)")
+                                   "the momentum, so coordinates the gradient barely reaches barely move)")
     delta_decay: float = option(0.0, "decoupled decay of the change toward the base weights (AdamW's weight decay "
                                      "on ΔW): each step ΔW ← (1 − lr·decay)·ΔW − step. Bounds Adam's random walk "
                                      "of each kept coordinate near √(lr/(2·decay)) however many steps run", low=0.0)
