@@ -1,10 +1,12 @@
 """How saved deltas spread over the kept eigen-coordinates of a curvature cache, beside what a random walk of
 Adam's steps would give (lr·√steps per coordinate, from the delta's record).
 
-    python scripts/delta_spread.py --cache runs/cache-L4-6 runs/s300/deltas/*-cf [--out spread.json]
+    python scripts/delta_spread.py --cache runs/cache-L4-6 runs/s300/deltas/*-cf [--other-cache C] [--out F]
 
 Per target: ‖ΔW‖, the kept coordinates' RMS, the share of ‖ΔW‖² in their largest tenth (0.44 for a Gaussian
-spread), and the walk's RMS lr·√steps (a schedule's lr is averaged as √mean(lr²), the walk's own scale).
+spread), and the walk's RMS √(Σ lr_t²) over the run's steps. With `--other-cache` (the same targets, e.g. a
+curvature from more text): the share of ‖ΔW‖² that the other cache's projector (same γ, scope) would remove, and the
+K-FAC quadratic form ½ΔᵀFΔ under each cache: how much the kept subspace depends on the sample it came from.
 """
 
 from __future__ import annotations
@@ -28,26 +30,47 @@ def walk_rms(record: dict) -> float:
     return math.sqrt(sum(scheduled_lr(cfg, t, budget) ** 2 for t in range(record["steps"])))
 
 
+def quad(cur: Curvature, target: str, d64: torch.Tensor) -> float:
+    """½ vec(ΔW)ᵀ(S⊗A)vec(ΔW) under a cache's K-FAC factors (A with its sink positions, as `diagnostics`)."""
+    _, S = cur.stats[target].factors()
+    A = cur.stats[target].full_input_factor()
+    return 0.5 * float(((S.double() @ d64 @ A.double()) * d64).sum())
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cache", required=True)
     p.add_argument("deltas", nargs="+")
+    p.add_argument("--other-cache", default=None)
     p.add_argument("--out", default=None)
     args = p.parse_args()
     cur = Curvature.load(args.cache, allow_mismatch=True)
+    other = Curvature.load(args.other_cache, allow_mismatch=True) if args.other_cache else None
     rows = []
     for path in args.deltas:
         delta = EditDelta.load(path)
         cfg = delta.record["config"]
         projs = cur.projectors(cfg["gamma"], cfg["scope"], kind="kfac", dtype=torch.float64, device="cpu")
         walk = walk_rms(delta.record)
+        other_projs = other.projectors(cfg["gamma"], cfg["scope"], kind="kfac", dtype=torch.float64,
+                                       device="cpu") if other else None
         for n, d in delta.deltas.items():
             d64 = d.double()
             row = {"delta": path, "target": n, "norm": float(d64.norm()), "walk_rms": walk,
-                   **spread_of_kept(projs[n].rotate(d64)[projs[n].keep])}
+                   **spread_of_kept(projs[n].rotate(d64)[projs[n].keep]), "kfac_quadratic_form": quad(cur, n, d64)}
+            line = (f"{path}  {n}  ‖ΔW‖ {row['norm']:.1f}  kept RMS {row['kept_coordinate_rms']:.3f}  "
+                    f"√Σlr² {walk:.3f}  top tenth {row['top_tenth_energy_share']:.2f}  "
+                    f"½ΔᵀFΔ {row['kfac_quadratic_form']:.4f}")
+            if other_projs is not None:
+                removed = other_projs[n].removed_part(d64)
+                row.update(other_removed_share=float(removed.norm() ** 2 / d64.norm() ** 2),
+                           other_kfac_quadratic_form=quad(other, n, d64),
+                           kept_fraction=projs[n].kept_fraction, other_kept_fraction=other_projs[n].kept_fraction)
+                line += (f"  | other cache: kept {row['other_kept_fraction']:.3f} (this {row['kept_fraction']:.3f}), "
+                         f"removes {row['other_removed_share']:.3f} of ‖ΔW‖², ½ΔᵀFΔ "
+                         f"{row['other_kfac_quadratic_form']:.4f}")
             rows.append(row)
-            print(f"{path}  {n}  ‖ΔW‖ {row['norm']:.1f}  kept RMS {row['kept_coordinate_rms']:.3f}  "
-                  f"lr·√steps {walk:.3f}  top tenth {row['top_tenth_energy_share']:.2f}")
+            print(line)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)
