@@ -20,7 +20,7 @@ import torch
 from crispedit.curvature.api import Curvature
 from crispedit.editing.config import EditConfig
 from crispedit.editing.delta import EditDelta
-from crispedit.editing.engine import planned_steps, scheduled_lr, spread_of_kept
+from crispedit.editing.engine import kfac_quadratic_form, planned_steps, scheduled_lr, spread_of_kept
 
 
 def walk_rms(record: dict) -> float:
@@ -28,13 +28,6 @@ def walk_rms(record: dict) -> float:
     cfg = EditConfig.from_dict(record["config"], source="the delta's record")
     budget = record.get("lr_schedule", {}).get("budget_steps") or planned_steps(record["training_sequences"], cfg)
     return math.sqrt(sum(scheduled_lr(cfg, t, budget) ** 2 for t in range(record["steps"])))
-
-
-def quad(cur: Curvature, target: str, d64: torch.Tensor) -> float:
-    """½ vec(ΔW)ᵀ(S⊗A)vec(ΔW) under a cache's K-FAC factors (A with its sink positions, as `diagnostics`)."""
-    _, S = cur.stats[target].factors()
-    A = cur.stats[target].full_input_factor()
-    return 0.5 * float(((S.double() @ d64 @ A.double()) * d64).sum())
 
 
 def main() -> None:
@@ -57,14 +50,14 @@ def main() -> None:
         for n, d in delta.deltas.items():
             d64 = d.double()
             row = {"delta": path, "target": n, "norm": float(d64.norm()), "walk_rms": walk,
-                   **spread_of_kept(projs[n].rotate(d64)[projs[n].keep]), "kfac_quadratic_form": quad(cur, n, d64)}
+                   **spread_of_kept(projs[n].rotate(d64)[projs[n].keep]), "kfac_quadratic_form": kfac_quadratic_form(cur, n, d64)}
             line = (f"{path}  {n}  ‖ΔW‖ {row['norm']:.1f}  kept RMS {row['kept_coordinate_rms']:.3f}  "
                     f"√Σlr² {walk:.3f}  top tenth {row['top_tenth_energy_share']:.2f}  "
                     f"½ΔᵀFΔ {row['kfac_quadratic_form']:.4f}")
             if other_projs is not None:
                 removed = other_projs[n].removed_part(d64)
                 row.update(other_removed_share=float(removed.norm() ** 2 / d64.norm() ** 2),
-                           other_kfac_quadratic_form=quad(other, n, d64),
+                           other_kfac_quadratic_form=kfac_quadratic_form(other, n, d64),
                            kept_fraction=projs[n].kept_fraction, other_kept_fraction=other_projs[n].kept_fraction)
                 line += (f"  | other cache: kept {row['other_kept_fraction']:.3f} (this {row['kept_fraction']:.3f}), "
                          f"removes {row['other_removed_share']:.3f} of ‖ΔW‖², ½ΔᵀFΔ "

@@ -333,6 +333,13 @@ def spread_of_kept(kept: torch.Tensor) -> dict[str, float]:
             "top_tenth_energy_share": float(top / max(float(sq.sum()), 1e-300))}
 
 
+def kfac_quadratic_form(curvature, target: str, d64: torch.Tensor) -> float:
+    """½ vec(ΔW)ᵀ(S⊗A)vec(ΔW) = ½ Σ (S ΔW A) ⊙ ΔW under a curvature's K-FAC factors (A with its sink positions)."""
+    _, S = curvature.stats[target].factors()
+    A_full = curvature.stats[target].full_input_factor()
+    return 0.5 * float(((S.cpu().double() @ d64 @ A_full.cpu().double()) * d64).sum())
+
+
 def diagnostics(deltas: Mapping[str, torch.Tensor], curvature, cfg: EditConfig) -> dict[str, Any]:
     """How far the edit moved and how much of it is in high-curvature directions, per target:
     ‖ΔW‖, the share of ‖ΔW‖² outside the kept subspace (at the run's γ/scope), how it spreads over the kept
@@ -349,8 +356,6 @@ def diagnostics(deltas: Mapping[str, torch.Tensor], curvature, cfg: EditConfig) 
             removed = projs[n].removed_part(d64)
             row["removed_energy_fraction"] = float(removed.norm() ** 2 / max(float(d64.norm() ** 2), 1e-300))
             row.update(spread_of_kept(projs[n].rotate(d64)[projs[n].keep]))
-            _, S = curvature.stats[n].factors()
-            A_full = curvature.stats[n].full_input_factor()
-            row["kfac_quadratic_form"] = 0.5 * float(((S.cpu() @ d64 @ A_full.cpu()) * d64).sum())
+            row["kfac_quadratic_form"] = kfac_quadratic_form(curvature, n, d64)
         out[n] = row
     return out
