@@ -558,8 +558,8 @@ class EditConfig(ConfigBase):
                                    "coordinate moves about lr per step) or layer (one per target: the step follows "
                                    "the momentum, so coordinates the gradient barely reaches barely move)")
     delta_decay: float = option(0.0, "decoupled decay of the change toward the base weights (AdamW's weight decay "
-                                     "on ΔW): each step ΔW ← (1 − lr·decay)·ΔW − step. Bounds Adam's random walk "
-                                     "of each kept coordinate near √(lr/(2·decay)) however many steps run", low=0.0)
+                                     "on ΔW): each step ΔW ← (1 − lr·decay)·ΔW − step, so a coordinate the gradient "
+                                     "only jitters stays near √(lr/(2·decay)) however many steps run", low=0.0)
     lr_schedule: LRSchedule = option(LRSchedule.CONSTANT, "constant; cosine or linear: decay the lr to 0 over the "
                                      "step budget (epochs x batches per epoch, or max_steps). Adam moves each kept "
                                      "coordinate about lr per step, so a decay shortens the weights' path")
