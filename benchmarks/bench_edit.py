@@ -10,8 +10,15 @@ warm-up, ≥ 10 timed steps per variant; median, quartiles, min and max):
 ratios (c)/(a), (c)/(b) and (c)/(d). (b) has the frozen positions' cache too (FT trains at the same edit positions). Whole edits: wall time and peak memory of editing N CounterFact facts with the
 defaults, each N in a fresh process (peak RSS on CPU, peak allocated memory on CUDA).
 
+With `--batch-sizes 16,32,96` it measures instead how CrispEdit's step time grows with the batch (the same requests,
+the sizes interleaved round by round, warm-up excluded): the median step, the median per sequence, and the padded
+share of the positions the kept layers run (batches are cut from length-sorted windows, so padding depends on the
+batch size).
+
     python benchmarks/bench_edit.py --curvature CACHE [--sizes 100,1000] [--device cuda --dtype bfloat16]
         [--out benchmarks/results/bench_edit.json]
+    python benchmarks/bench_edit.py --curvature CACHE --batch-sizes 16,32,96 --batch-requests 300 --sizes ''
+        --out benchmarks/results/bench_batch_size.json
 """
 
 from __future__ import annotations
@@ -86,6 +93,31 @@ def steps(a) -> dict:
             "config": base.to_json()}
 
 
+def batch_sweep(a, sizes: list[int]) -> dict:
+    """CrispEdit's step time against the batch size, the sizes interleaved round by round."""
+    from crispedit.editing.config import EditConfig
+    from crispedit.editing.engine import edit
+
+    model, tok, cur, load_requests = _setup(a)
+    requests = load_requests(a.edits, limit=a.batch_requests)
+    times: dict[int, list[float]] = {b: [] for b in sizes}
+    padding: dict[int, float] = {}
+    for _ in range(a.rounds):
+        for b in sizes:
+            cfg = EditConfig(**dict(a.overrides, batch_size=b, epochs=a.steps, early_stop_loss=1e-9,
+                                    max_steps=a.steps))
+            res = edit(model, tok, requests, cur.targets, cfg, curvature=cur, progress=False)
+            times[b] += res.step_seconds[1:]
+            res.delta.revert(model)
+            padding.setdefault(b, res.delta.record["forward"].get("padded_share"))
+    rows = []
+    for b in sizes:
+        st = _spread(times[b])
+        rows.append({"batch_size": b, "step_seconds": st, "ms_per_sequence": 1000 * st["median"] / b,
+                     "padded_share": padding.get(b)})
+    return {"batch_sweep": rows, "requests": len(requests), "config": EditConfig(**a.overrides).to_json()}
+
+
 def wall(a) -> dict:
     """One whole edit with the defaults (run in a fresh process so that the peak memory is this edit's)."""
     from crispedit.editing.config import EditConfig
@@ -118,6 +150,7 @@ def main() -> None:
     ap.add_argument("--batch-requests", type=int, default=64, help="requests the timed steps draw from")
     ap.add_argument("--steps", type=int, default=6, help="steps per run (the first is warm-up)")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--batch-sizes", default="", help="comma list: measure the step time against the batch size")
     ap.add_argument("--sizes", default="100", help="whole-edit sizes, comma list ('' for none)")
     ap.add_argument("--wall", type=int, default=None, help=argparse.SUPPRESS)  # child mode
     ap.add_argument("--out", default="benchmarks/results/bench_edit.json")
@@ -129,6 +162,15 @@ def main() -> None:
         a.overrides = {k: v for k, v in run.items() if k not in ("name", "layers", "method", "note", "max_kl")}
     if a.wall is not None:
         print(json.dumps(wall(a)))
+        return
+    if a.batch_sizes:
+        out = {"device": a.device, "dtype": a.dtype, "threads": torch.get_num_threads(),
+               **batch_sweep(a, [int(x) for x in a.batch_sizes.split(",")])}
+        for row in out["batch_sweep"]:
+            print(f"batch {row['batch_size']:4d}: step {row['step_seconds']['median']:.2f} s "
+                  f"(q1 {row['step_seconds']['q1']:.2f}, q3 {row['step_seconds']['q3']:.2f}), "
+                  f"{row['ms_per_sequence']:.1f} ms per sequence, padded share {row['padded_share']}", flush=True)
+        _write(a.out, out)
         return
     out = {"device": a.device, "dtype": a.dtype, "threads": torch.get_num_threads(), **steps(a), "whole_edits": []}
     print(json.dumps({k: v for k, v in out.items() if k != "config"}, indent=1), flush=True)

@@ -159,6 +159,33 @@ def test_short_edit_gives_the_same_delta_with_and_without_shortcuts(byte_bpe_tok
         assert torch.allclose(deltas[0][n], deltas[1][n], rtol=1e-6, atol=1e-9)
 
 
+def test_the_record_counts_the_padded_share_of_the_positions_run(byte_bpe_tokenizer):
+    from crispedit.data.records import EditRequest
+    from crispedit.editing.batches import build_training, training_contexts
+    from crispedit.editing.config import EditConfig
+    from crispedit.editing.engine import edit
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = byte_bpe_tokenizer
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None)
+    reqs = [EditRequest("The capital of France is", "Rome"), EditRequest("The Eiffel Tower in Paris is in", "Rome")]
+    targets = ["model.layers.1.mlp.down_proj"]
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).double().eval()
+    common = dict(method="ft", epochs=2, edit_positions="all", contexts=("raw", "qa"), prefixes=0)
+    one = edit(model, tok, reqs, targets, EditConfig(batch_size=1, **common))
+    one.delta.revert(model)
+    assert one.delta.record["forward"]["padded_share"] == 0.0  # a batch of one has no padding
+    whole = edit(model, tok, reqs, targets, EditConfig(batch_size=64, length_window=0, **common))
+    seqs, _ = build_training(model, tok, reqs, training_contexts(tok, ("raw", "qa")), 0, 0)
+    lengths = [len(s.pair.input_ids) for s in seqs]
+    assert len(set(lengths)) > 1
+    expected = 1 - sum(lengths) / (len(lengths) * max(lengths))  # every epoch is one batch of all sequences
+    assert whole.delta.record["forward"]["padded_share"] == pytest.approx(expected, abs=1e-4)
+
+
 def test_epoch_batches_cover_every_sequence_once_and_group_lengths():
     from crispedit.editing.engine import epoch_batches
 

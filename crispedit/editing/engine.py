@@ -117,6 +117,7 @@ def edit(model: nn.Module, tokenizer, requests: Sequence[EditRequest], targets: 
     anchor_losses: list[float] = []
     replay_losses: list[float] = []
     stopped, step = "epochs", 0
+    run_positions, padded_positions = 0, 0  # positions the kept layers run, without and with the batches' padding
     budget = planned_steps(len(seqs), cfg)
     t0 = time.perf_counter()
     model.eval()  # no dropout: the edit loss is deterministic
@@ -128,6 +129,8 @@ def edit(model: nn.Module, tokenizer, requests: Sequence[EditRequest], targets: 
             batch_losses = []
             for idx in epoch_batches(lengths, cfg.batch_size, gen, cfg.length_window):
                 ts = time.perf_counter()
+                run_positions += sum(lengths[i] for i in idx)
+                padded_positions += len(idx) * max(lengths[i] for i in idx)
                 nll, rows = fwd.token_nll(idx)
                 if cfg.loss_reduction == "sequence":  # each sequence counts once, whatever its target length
                     edit_loss = per_sequence_mean(nll, rows, len(idx)).mean()
@@ -199,7 +202,8 @@ def edit(model: nn.Module, tokenizer, requests: Sequence[EditRequest], targets: 
         stopped=stopped,
         lr_schedule={"kind": str(cfg.lr_schedule), "budget_steps": budget, "final_lr": opt.lr},
         seconds=seconds,
-        forward=fwd.describe(),
+        forward=dict(fwd.describe(), padded_share=round(1 - run_positions / padded_positions, 4)
+                     if padded_positions else None),
         training_contexts=list(contexts),
         training_sequences=len(seqs),
         prefixes=prefixes,
