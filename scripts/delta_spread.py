@@ -2,11 +2,15 @@
 Adam's steps would give (lr·√steps per coordinate, from the delta's record).
 
     python scripts/delta_spread.py --cache runs/cache-L4-6 runs/s300/deltas/*-cf [--other-cache C] [--out F]
+    python scripts/delta_spread.py --cache runs/cache-L4-6 --other-cache runs/cache-L4-6-s800 [--gamma 0.9]
+
 
 Per target: ‖ΔW‖, the kept coordinates' RMS, the share of ‖ΔW‖² in their largest tenth (0.44 for a Gaussian
 spread), and the walk's RMS √(Σ lr_t²) over the run's steps. With `--other-cache` (the same targets, e.g. a
 curvature from more text): the share of ‖ΔW‖² that the other cache's projector (same γ, scope) would remove, and the
 K-FAC quadratic form ½ΔᵀFΔ under each cache: how much the kept subspace depends on the sample it came from.
+With `--other-cache` and no deltas: per target, each cache's kept share and the share of each cache's kept subspace
+that the other keeps too (`crispedit.curvature.projector.kept_overlap`, exact).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch
 from crispedit.curvature.api import Curvature
 from crispedit.editing.config import EditConfig
 from crispedit.editing.delta import EditDelta
+from crispedit.curvature.projector import kept_overlap
 from crispedit.editing.engine import kfac_quadratic_form, planned_steps, scheduled_lr, spread_of_kept
 
 
@@ -30,16 +35,36 @@ def walk_rms(record: dict) -> float:
     return math.sqrt(sum(scheduled_lr(cfg, t, budget) ** 2 for t in range(record["steps"])))
 
 
+def compare_caches(cur: Curvature, other: Curvature, gamma: float) -> list[dict]:
+    """Per target: each cache's kept share at γ and the share of each one's kept subspace the other keeps."""
+    scope = EditConfig().scope
+    a = cur.projectors(gamma, scope, kind="kfac", dtype=torch.float64, device="cpu")
+    b = other.projectors(gamma, scope, kind="kfac", dtype=torch.float64, device="cpu")
+    rows = []
+    for n in a:
+        row = {"target": n, "gamma": gamma, "kept_fraction": a[n].kept_fraction,
+               "other_kept_fraction": b[n].kept_fraction, "kept_by_other": kept_overlap(a[n], b[n]),
+               "other_kept_by_this": kept_overlap(b[n], a[n])}
+        print(f"{n}  kept {row['kept_fraction']:.3f} (other {row['other_kept_fraction']:.3f})  of this cache's kept "
+              f"subspace the other keeps {row['kept_by_other']:.3f}; of the other's, this keeps "
+              f"{row['other_kept_by_this']:.3f}")
+        rows.append(row)
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cache", required=True)
-    p.add_argument("deltas", nargs="+")
+    p.add_argument("deltas", nargs="*")
+    p.add_argument("--gamma", type=float, default=EditConfig().gamma, help="γ of the cache-only comparison")
     p.add_argument("--other-cache", default=None)
     p.add_argument("--out", default=None)
     args = p.parse_args()
     cur = Curvature.load(args.cache, allow_mismatch=True)
     other = Curvature.load(args.other_cache, allow_mismatch=True) if args.other_cache else None
-    rows = []
+    if not args.deltas and other is None:
+        p.error("give deltas, or --other-cache to compare two caches' kept subspaces")
+    rows = [] if args.deltas else compare_caches(cur, other, args.gamma)
     for path in args.deltas:
         delta = EditDelta.load(path)
         cfg = delta.record["config"]

@@ -9,7 +9,12 @@ from torch import nn
 from crispedit.curvature.collect import CollectConfig, accumulate_batch, collect_lm_stats, empty_stats
 from crispedit.curvature.eigen import eigendecompose, sym_eigh
 from crispedit.curvature.masks import build_masks, energy_cutoff, keep_mask, mask_report
-from crispedit.curvature.projector import InputNullspaceProjector, KroneckerProjector, explicit_projector
+from crispedit.curvature.projector import (
+    InputNullspaceProjector,
+    KroneckerProjector,
+    explicit_projector,
+    kept_overlap,
+)
 from crispedit.curvature.stats import KFACStats, LayerStats
 
 
@@ -39,6 +44,25 @@ def test_matrix_free_equals_explicit_projector(gamma, form):
         assert torch.allclose(proj(Q), expected, atol=1e-10)
     # Projecting twice changes nothing.
     assert torch.allclose(proj(proj(Q)), proj(Q), atol=1e-10)
+
+
+def test_kept_overlap_equals_the_explicit_trace():
+    """trace(P Q) / trace(P) of two Kronecker projectors from different curvature estimates, against the explicit
+    (d_out·d_in)² projector matrices; 1 for a projector with itself, between 0 and 1, and 0 against keeping nothing."""
+    g = torch.Generator().manual_seed(3)
+    e1 = eigendecompose(layer_from_factors(random_psd(6, gen=g), random_psd(4, gen=g)))
+    e2 = eigendecompose(layer_from_factors(random_psd(6, gen=g), random_psd(4, gen=g)))
+    k1, k2 = build_masks({"l": e1}, 0.9)["l"], torch.rand(4, 6, generator=g) < 0.5
+    p = KroneckerProjector(e1.U_S, e1.U_A, k1, dtype=torch.float64)
+    q = KroneckerProjector(e2.U_S, e2.U_A, k2, dtype=torch.float64)
+    P, Q = explicit_projector(e1.U_S, e1.U_A, k1), explicit_projector(e2.U_S, e2.U_A, k2)
+    expected = float(torch.trace(P @ Q) / torch.trace(P))
+    assert 0.05 < expected < 0.95  # a case that tells the formula from its bounds
+    assert kept_overlap(p, q) == pytest.approx(expected, abs=1e-10)
+    assert kept_overlap(q, p) == pytest.approx(float(torch.trace(P @ Q) / torch.trace(Q)), abs=1e-10)
+    assert kept_overlap(p, p) == pytest.approx(1.0, abs=1e-10)
+    none = KroneckerProjector(e2.U_S, e2.U_A, torch.zeros(4, 6, dtype=torch.bool), dtype=torch.float64)
+    assert kept_overlap(p, none) == pytest.approx(0.0, abs=1e-12)
 
 
 def _masks_for_rotation_tests(g):

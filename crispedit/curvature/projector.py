@@ -209,6 +209,22 @@ class InputNullspaceProjector:
         return out.to(dtype)
 
 
+def kept_overlap(p: KroneckerProjector, q: KroneckerProjector) -> float:
+    """The share of p's kept subspace that q keeps too: trace(P Q) / trace(P), 1 when q keeps all of it.
+
+    With P = Σ_{(i,j) kept by p} (s_i ⊗ a_j)(s_i ⊗ a_j)ᵀ and likewise for Q, trace(P Q) = Σ_{ij∈p, kl∈q}
+    (s_iᵀ s'_k)² (a_jᵀ a'_l)², i.e. Σ M_p ⊙ (C_S M_q C_Aᵀ) with C = (U_pᵀ U_q)² elementwise: two curvature
+    estimates (e.g. from different amounts of text) agree on what is free to edit exactly when this is near 1."""
+    if p.shape != q.shape:
+        raise ValueError(f"projectors of different shapes: {p.shape} and {q.shape}")
+    C_S = (p.U_S.double().T @ q.U_S.double()) ** 2
+    C_A = (p.U_A.double().T @ q.U_A.double()) ** 2
+    kept = p.M.double().sum()
+    if kept == 0:
+        return 1.0
+    return float((p.M.double() * (C_S @ q.M.double() @ C_A.T)).sum() / kept)
+
+
 def explicit_projector(U_S: torch.Tensor, U_A: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """The (d_out·d_in)² projector matrix in row-major vec(W) (tests and tiny problems only)."""
     cols = [torch.kron(U_S[:, i], U_A[:, j]) for i, j in torch.nonzero(keep).tolist()]
