@@ -607,6 +607,10 @@ class EditConfig(ConfigBase):
     replay_samples: int = option(128, "chunks in the replay pool (cycled through in a shuffled order)", low=1)
     replay_length: int = option(128, "tokens per replay chunk, at most (the step's extra cost grows with replay x "
                                      "replay_length)", low=2)
+    relinearize: int = option(0, "recollect the capability curvature at the current weights this many times during "
+                                 "the edit (evenly over the step budget, on the cache's own corpus) and project "
+                                 "from there on, Adam restarted: each layer's constraint then sees the others' "
+                                 "change so far (0: the base weights' curvature throughout)", low=0, metavar="N")
 
     def _validate(self) -> None:
         if self.method not in PROJECTION_FOR_METHOD:
@@ -624,6 +628,9 @@ class EditConfig(ConfigBase):
         if self.delta_decay * self.lr >= 1.0:
             raise ConfigError(f"EditConfig.delta_decay × lr must be below 1 (it is the share of ΔW removed per "
                               f"step), got {self.delta_decay} × {self.lr}", field="delta_decay", value=self.delta_decay)
+        if self.relinearize and self.projection is None:
+            raise ConfigError(f"EditConfig.relinearize needs a projecting method, not {self.method!r}",
+                              field="relinearize", value=self.relinearize)
         if not self.contexts and self.prefixes == 0:
             raise ConfigError("EditConfig.contexts is empty and prefixes is 0: no training sequences",
                               field="contexts", value=self.contexts)

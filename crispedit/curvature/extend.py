@@ -93,35 +93,83 @@ def plan_extension(record: Mapping[str, Any], n_samples: int, *, source: str | N
                         seed=seed, heldout_fraction=heldout_fraction, text_field=text_field)
 
 
-def used_sequences(tokenizer, corpora: Sequence[Mapping[str, Any]], plan: CorpusConfig) -> set[tuple[int, ...]]:
-    """The sequences earlier collections took from the plan's corpus (same source, chunking and split),
-    reconstructed from their seeds and sizes. An entry whose reconstruction does not match its recorded hash
-    (the corpus file changed) is skipped with a `CrispEditWarning`."""
-    from crispedit.data.corpus import build_corpus, source_label
+def _reconstructed(tokenizer, corpora: Sequence[Mapping[str, Any]]):
+    """Each recorded corpus entry with the sequences it took, rebuilt from its source, seed and size: yields
+    (index, entry, sequences), sequences None where the entry is not a text corpus (e.g. CrispEdit-Seq's edit
+    statistics) or its rebuild does not match its recorded hash (the corpus changed). An entry that excluded
+    earlier picks (an extension) excludes those of the entries before it with the same corpus and chunking."""
+    from crispedit.data.corpus import build_corpus
 
-    label = source_label(plan.source)
-    used: set[tuple[int, ...]] = set()
-    ranked_by_seed: dict[int, list[list[int]]] = {}
+    used: dict[tuple, set[tuple[int, ...]]] = {}
+    ranked: dict[tuple, list[list[int]]] = {}
     for k, entry in enumerate(corpora):
-        if (entry.get("source"), entry.get("max_length"), entry.get("heldout_fraction"), entry.get("split"),
-                entry.get("split_seed", 0)) != (label, plan.max_length, plan.heldout_fraction, "train", 0):
+        label = entry.get("source")
+        if label is None or entry.get("split") != "train" or "max_length" not in entry or label == "edits":
+            yield k, entry, None
             continue
+        group = (label, entry.get("max_length"), entry.get("heldout_fraction"), entry.get("split_seed", 0),
+                 entry.get("text_field", CorpusConfig.text_field))
         seed = int(entry.get("seed", 0))
-        if seed not in ranked_by_seed:
-            ranked_by_seed[seed] = build_corpus(tokenizer, plan.source, None, plan.max_length, seed,
-                                                plan.heldout_fraction, "train", text_field=plan.text_field).sequences
-        pool = ranked_by_seed[seed]
+        if group + (seed,) not in ranked:
+            source = None if label == WIKIPEDIA else label
+            try:
+                ranked[group + (seed,)] = build_corpus(
+                    tokenizer, source, None, int(entry["max_length"]), seed,
+                    entry.get("heldout_fraction", CorpusConfig.heldout_fraction), "train",
+                    split_seed=int(entry.get("split_seed", 0)), text_field=group[-1]).sequences
+            except CrispEditError:
+                yield k, entry, None
+                continue
+        pool = ranked[group + (seed,)]
+        seen = used.setdefault(group, set())
         if entry.get("excluded_previous"):
-            pool = [s for s in pool if tuple(s) not in used]
+            pool = [s for s in pool if tuple(s) not in seen]
         picked = pool[: int(entry.get("n_samples", entry.get("n_sequences", 0)))]
         recorded = entry.get("sequences_sha256")
         if recorded is not None and sequences_sha256(picked) != recorded:
-            warnings.warn(f"the sequences of the cache's corpus #{k + 1} ({label}, seed {seed}) cannot be "
-                          "reconstructed (the corpus changed?); the extension may repeat some of them",
+            yield k, entry, None
+            continue
+        seen.update(tuple(s) for s in picked)
+        yield k, entry, picked
+
+
+def used_sequences(tokenizer, corpora: Sequence[Mapping[str, Any]], plan: CorpusConfig) -> set[tuple[int, ...]]:
+    """The sequences earlier collections took from the plan's corpus (same source, chunking and split),
+    reconstructed from their seeds and sizes. An entry whose reconstruction does not match its recorded hash
+    (the corpus changed) is skipped with a `CrispEditWarning`."""
+    from crispedit.data.corpus import source_label
+
+    label = source_label(plan.source)
+    used: set[tuple[int, ...]] = set()
+    for k, entry, picked in _reconstructed(tokenizer, corpora):
+        if (entry.get("source"), entry.get("max_length"), entry.get("heldout_fraction"), entry.get("split"),
+                entry.get("split_seed", 0)) != (label, plan.max_length, plan.heldout_fraction, "train", 0):
+            continue
+        if picked is None:
+            warnings.warn(f"the sequences of the cache's corpus #{k + 1} ({label}, seed {entry.get('seed', 0)}) "
+                          "cannot be reconstructed (the corpus changed?); the extension may repeat some of them",
                           CrispEditWarning, stacklevel=2)
             continue
         used.update(tuple(s) for s in picked)
     return used
+
+
+def curvature_sequences(tokenizer, record: Mapping[str, Any], where: str = "the curvature") -> list[list[int]]:
+    """Every sequence a cache's statistics were summed over, in its record's order, rebuilt from the record (the
+    text it was collected on, to collect again at other weights).
+
+    Raises:
+        CrispEditError: an entry cannot be rebuilt (not a text corpus, or its hash no longer matches).
+    """
+    out: list[list[int]] = []
+    for k, entry, picked in _reconstructed(tokenizer, record.get("corpora") or []):
+        if picked is None:
+            raise CrispEditError(f"{where}: its corpus #{k + 1} ({entry.get('source')!r}) cannot be rebuilt from its "
+                                 "record (not a text corpus, or the text changed since it was collected)")
+        out.extend(picked)
+    if not out:
+        raise CrispEditError(f"{where}: its record names no corpus to rebuild")
+    return out
 
 
 def unseen_sequences(tokenizer, record: Mapping[str, Any], plan: CorpusConfig,
@@ -183,4 +231,5 @@ def extend_from_corpus(curvature: "Curvature", model, tokenizer, plan: CorpusCon
     return curvature.extend(model, seqs, desc, pad_id=pad, dist=dist, progress=progress, checked=True)
 
 
-__all__ = ["corpus_record", "extend_from_corpus", "plan_extension", "sequences_sha256", "unseen_sequences"]
+__all__ = ["corpus_record", "curvature_sequences", "extend_from_corpus", "plan_extension", "sequences_sha256",
+           "unseen_sequences"]

@@ -23,6 +23,7 @@ from crispedit.editing.forward import EditForward, per_sequence_mean
 from crispedit.formatting import EncodedPair
 from crispedit.editing.lora import LoRAAdam
 from crispedit.editing.optim import ProjectedAdam
+from crispedit.editing.relinearize import Relinearizer
 from crispedit.editing.replay import CapabilityReplay, coarse_kl, with_rest
 from crispedit.errors import CrispEditError, DivergenceError
 from crispedit.models.runtime import frozen_parameters, pad_id_of
@@ -85,6 +86,9 @@ def edit(model: nn.Module, tokenizer, requests: Sequence[EditRequest], targets: 
         opt = ProjectedAdam(shapes, projectors, lr=cfg.lr, mode=cfg.projection_mode, device=device,
                             scale=cfg.adam_scale)
     pad_id = pad_id_of(tokenizer)
+    relin = None
+    if cfg.relinearize:  # the cache's corpus is rebuilt (and checked) before any heavy work
+        relin = Relinearizer(tokenizer, curvature, targets, cfg, pad_id)
     contexts = training_contexts(tokenizer, cfg.contexts)
     seqs, prefixes = build_training(model, tokenizer, requests, contexts, cfg.prefixes, cfg.seed)
     owner = [s.request for s in seqs]
@@ -119,6 +123,8 @@ def edit(model: nn.Module, tokenizer, requests: Sequence[EditRequest], targets: 
     stopped, step = "epochs", 0
     run_positions, padded_positions = 0, 0  # positions the kept layers run, without and with the batches' padding
     budget = planned_steps(len(seqs), cfg)
+    if relin is not None:
+        relin.plan(budget)
     t0 = time.perf_counter()
     model.eval()  # no dropout: the edit loss is deterministic
     try:
@@ -170,6 +176,9 @@ def edit(model: nn.Module, tokenizer, requests: Sequence[EditRequest], targets: 
                 if cfg.max_steps and step >= cfg.max_steps:
                     stopped = "max_steps"
                     break
+                if relin is not None and relin.due(step):  # a new constraint: Adam's moments are in the old basis
+                    opt = ProjectedAdam(shapes, relin.projectors(model, step, device), lr=opt.lr,
+                                        mode=cfg.projection_mode, device=device, scale=cfg.adam_scale)
             request_losses.append(_per_request(per_seq_loss, owner, len(requests)))
             em = sum(v * k for v, k in batch_losses) / sum(k for _, k in batch_losses)
             epoch_losses.append(em)
@@ -208,6 +217,7 @@ def edit(model: nn.Module, tokenizer, requests: Sequence[EditRequest], targets: 
         training_sequences=len(seqs),
         prefixes=prefixes,
         anchors={"n": len(anchors), "kl_per_step": anchor_losses} if anchors else None,
+        relinearize=None if relin is None else relin.describe(),
         replay=None if replay is None else {"chunks": len(replay.sequences), "per_step": replay.per_step,
                                             "corpus": replay_corpus, "kl_per_step": replay_losses},
         edit_positions=None if active is None else {

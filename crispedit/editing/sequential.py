@@ -120,6 +120,9 @@ class SequentialEditor:
         if edit_statistics not in EditStatistics.values():
             raise CrispEditError(f"edit_statistics must be one of {', '.join(EditStatistics.values())}, got "
                                  f"{edit_statistics!r}")
+        if cfg.relinearize:
+            raise CrispEditError("relinearize is not implemented for sequential editing (a chunk's statistics would "
+                                 "have to be recollected too); edit in one batch, or leave it at 0")
         if edit_gamma is not None:
             if not 0.0 < edit_gamma < 1.0:
                 raise CrispEditError(f"edit_gamma must be in (0, 1), got {edit_gamma}")
