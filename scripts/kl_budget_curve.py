@@ -64,14 +64,15 @@ def main() -> None:
     requests = load_requests(path, limit=int(n), skip_invalid=True)
     model, tok = load_model(a.model, device=a.device)
     base, _ = load_model(a.model, device=a.device)
-    targets = resolve_targets(model, run.get("layers"))
+    saved = EditDelta.load(a.delta) if a.delta else None
+    # a saved delta names its own layers; an edit run takes the recipe's (default: the model type's)
+    targets = list(saved.deltas) if saved is not None else resolve_targets(model, run.get("layers"))
     cur = Curvature.load(a.cache, device="cpu").select(targets)
     # the budget is enforced on one held-out sample and reported on another (both unseen by the curvature)
     held = build_corpus(tok, None, n_samples=a.heldout + a.eval_heldout, max_length=256, split="heldout")
     budget_seqs, report_seqs = held.sequences[:a.heldout], held.sequences[a.heldout:]
     t = time.perf_counter()
-    if a.delta:  # the model holds its base weights
-        saved = EditDelta.load(a.delta)
+    if saved is not None:  # the model holds its base weights
         t_edit = saved.record.get("seconds")
     else:
         saved = edit(model, tok, requests, targets, EditConfig(**fields), curvature=cur, progress=False).delta

@@ -11,6 +11,10 @@ weights reached so far, lets the rest of the edit see the others' change.
 The Gauss-Newton matrix of KL(p_base ‖ p_θ) at θ is Jᵀ(diag p_θ − p_θ p_θᵀ)J with the Jacobian at θ: the
 softmax's Hessian does not depend on the target distribution. So the recollected factors (labels sampled from
 the current model) are exactly that matrix's K-FAC, with the first-order term of the KL left out.
+
+Measured (README, 300 CounterFact edits, 3 recollections): the held-out KL does not fall (0.172 at three layers,
+as without; 0.975 against 0.862 at six), and the changes grow. The first-order term, zero at the base and not
+zero once the weights have moved, is the likely reason; so this stays an option, off by default.
 """
 
 from __future__ import annotations
