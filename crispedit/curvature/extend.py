@@ -104,19 +104,19 @@ def _reconstructed(tokenizer, corpora: Sequence[Mapping[str, Any]]):
     ranked: dict[tuple, list[list[int]]] = {}
     for k, entry in enumerate(corpora):
         label = entry.get("source")
-        if label is None or entry.get("split") != "train" or "max_length" not in entry or label == "edits":
+        if label is None or entry.get("split") != "train" or "max_length" not in entry:  # e.g. {"source": "edits"}
             yield k, entry, None
             continue
-        group = (label, entry.get("max_length"), entry.get("heldout_fraction"), entry.get("split_seed", 0),
-                 entry.get("text_field", CorpusConfig.text_field))
+        max_length, split_seed = int(entry["max_length"]), int(entry.get("split_seed", 0))
+        heldout = entry.get("heldout_fraction", CorpusConfig.heldout_fraction)
+        text_field = entry.get("text_field", CorpusConfig.text_field)
+        group = (label, max_length, heldout, split_seed, text_field)
         seed = int(entry.get("seed", 0))
         if group + (seed,) not in ranked:
-            source = None if label == WIKIPEDIA else label
             try:
                 ranked[group + (seed,)] = build_corpus(
-                    tokenizer, source, None, int(entry["max_length"]), seed,
-                    entry.get("heldout_fraction", CorpusConfig.heldout_fraction), "train",
-                    split_seed=int(entry.get("split_seed", 0)), text_field=group[-1]).sequences
+                    tokenizer, None if label == WIKIPEDIA else label, None, max_length, seed, heldout, "train",
+                    split_seed=split_seed, text_field=text_field).sequences
             except CrispEditError:
                 yield k, entry, None
                 continue

@@ -80,11 +80,14 @@ def edit(model: nn.Module, tokenizer, requests: Sequence[EditRequest], targets: 
     base_fp = base_fingerprint or weights_fingerprint(model, targets)
     deltas = {n: torch.zeros(b.shape, dtype=torch.float32, device=device) for n, b in base.items()}
     shapes = {n: tuple(b.shape) for n, b in base.items()}
+
+    def projected_adam(projs: Mapping[str, Any] | None, lr: float) -> ProjectedAdam:
+        return ProjectedAdam(shapes, projs, lr=lr, mode=cfg.projection_mode, device=device, scale=cfg.adam_scale)
+
     if cfg.method == "lora":
         opt = LoRAAdam(shapes, rank=cfg.lora_rank, alpha=cfg.lora_alpha, lr=cfg.lr, device=device, seed=cfg.seed)
     else:
-        opt = ProjectedAdam(shapes, projectors, lr=cfg.lr, mode=cfg.projection_mode, device=device,
-                            scale=cfg.adam_scale)
+        opt = projected_adam(projectors, cfg.lr)
     pad_id = pad_id_of(tokenizer)
     relin = None
     if cfg.relinearize:  # the cache's corpus is rebuilt (and checked) before any heavy work
@@ -177,8 +180,7 @@ def edit(model: nn.Module, tokenizer, requests: Sequence[EditRequest], targets: 
                     stopped = "max_steps"
                     break
                 if relin is not None and relin.due(step):  # a new constraint: Adam's moments are in the old basis
-                    opt = ProjectedAdam(shapes, relin.projectors(model, step, device), lr=opt.lr,
-                                        mode=cfg.projection_mode, device=device, scale=cfg.adam_scale)
+                    opt = projected_adam(relin.projectors(model, step, device), opt.lr)
             request_losses.append(_per_request(per_seq_loss, owner, len(requests)))
             em = sum(v * k for v, k in batch_losses) / sum(k for _, k in batch_losses)
             epoch_losses.append(em)
