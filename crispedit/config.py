@@ -124,6 +124,13 @@ class LRSchedule(Choice):
     LINEAR = "linear"
 
 
+class Eigenvalues(Choice):
+    """Which eigenvalues rank the Kronecker eigen-directions for the γ threshold."""
+
+    KFAC = "kfac"
+    EKFAC = "ekfac"
+
+
 class EditPositions(Choice):
     """Where the edited weights' change acts while the edit is trained: at every token, or only at the subject's
     tokens (ROME/MEMIT's key: the subject's representation carries the fact, the template's does not)."""
@@ -611,6 +618,11 @@ class EditConfig(ConfigBase):
                                  "the edit (evenly over the step budget, on the cache's own corpus) and project "
                                  "from there on, Adam restarted: each layer's constraint then sees the others' "
                                  "change so far (0: the base weights' curvature throughout)", low=0, metavar="N")
+    eigenvalues: Eigenvalues = option(Eigenvalues.KFAC, "what ranks the Kronecker eigen-directions for the γ "
+                                      "threshold (method crispedit): kfac: the products λ_S·λ_A; ekfac: eigenvalues "
+                                      "re-estimated from per-sequence weight gradients on the cache's own text at the "
+                                      "start of the edit (EK-FAC, George et al. 2018; on a 300-edit delta K-FAC's "
+                                      "quadratic form was half the exact Gauss-Newton one, EK-FAC's within a tenth of it)")
 
     def _validate(self) -> None:
         if self.method not in PROJECTION_FOR_METHOD:
@@ -631,6 +643,12 @@ class EditConfig(ConfigBase):
         if self.relinearize and self.projection is None:
             raise ConfigError(f"EditConfig.relinearize needs a projecting method, not {self.method!r}",
                               field="relinearize", value=self.relinearize)
+        if self.eigenvalues == Eigenvalues.EKFAC and self.projection != "kfac":
+            raise ConfigError(f"EditConfig.eigenvalues 'ekfac' needs method 'crispedit' (the K-FAC projection), not "
+                              f"{self.method!r}", field="eigenvalues", value=self.eigenvalues)
+        if self.eigenvalues == Eigenvalues.EKFAC and self.relinearize:
+            raise ConfigError("EditConfig.eigenvalues 'ekfac' with relinearize is not implemented",
+                              field="eigenvalues", value=self.eigenvalues)
         if not self.contexts and self.prefixes == 0:
             raise ConfigError("EditConfig.contexts is empty and prefixes is 0: no training sequences",
                               field="contexts", value=self.contexts)
@@ -710,6 +728,7 @@ __all__ = [
     "LoadConfig",
     "LossReduction",
     "LRSchedule",
+    "Eigenvalues",
     "Method",
     "PROJECTION_FOR_METHOD",
     "ProjectionMode",

@@ -27,7 +27,7 @@ from crispedit.curvature.stats import KFACStats
 from crispedit.errors import CacheMismatchError, CrispEditError
 
 logger = logging.getLogger(__name__)
-PROJECTION_KINDS = ("kfac", "nscl")
+PROJECTION_KINDS = ("kfac", "ekfac", "nscl")
 SUMMARY_GAMMAS = (0.5, 0.9, 0.99, 0.999)
 
 
@@ -112,6 +112,8 @@ class Curvature:
         self.eigen = eigen
         self.record = record
         self._masks: dict[tuple[float, str], dict[str, torch.Tensor]] = {}
+        self._ekfac: dict[str, Any] | None = None  # EK-FAC eigenvalues once `correct_eigenvalues` ran
+        self._ekfac_masks: dict[tuple[float, str], dict[str, torch.Tensor]] = {}
 
     @property
     def targets(self) -> list[str]:
@@ -248,13 +250,43 @@ class Curvature:
             self._masks[key] = build_masks(self.eigen, gamma, scope)
         return self._masks[key]
 
+    def correct_eigenvalues(self, model: nn.Module, sequences: Sequence[Sequence[int]], pad_id: int = 0,
+                            progress: bool = False) -> dict[str, Any]:
+        """Re-estimate the eigenvalues in this curvature's Kronecker eigenbases from per-sequence weight gradients
+        of `model` on `sequences` (EK-FAC, `ekfac.collect_ekfac_lm`; give it the cache's own sequences,
+        `extend.curvature_sequences`), so that `projectors(kind="ekfac")` can rank directions by them. Returns a
+        record of the pass (sequences, seconds)."""
+        from crispedit.curvature.ekfac import collect_ekfac_lm
+
+        t0 = time.perf_counter()
+        self._ekfac = collect_ekfac_lm(model, sequences, self.eigen, self.config, pad_id, progress)
+        self._ekfac_masks = {}
+        return {"sequences": len(sequences), "seconds": round(time.perf_counter() - t0, 2)}
+
+    @property
+    def corrected_eigenvalues(self) -> dict[str, Any] | None:
+        """The EK-FAC eigenvalues per target (`EKFACEigen`), or None before `correct_eigenvalues`."""
+        return self._ekfac
+
+    def ekfac_masks(self, gamma: float, scope: str = "layer") -> dict[str, torch.Tensor]:
+        """Keep-masks from the corrected eigenvalues (after `correct_eigenvalues`)."""
+        from crispedit.curvature.ekfac import ekfac_masks
+
+        if self._ekfac is None:
+            raise CrispEditError("EK-FAC masks need corrected eigenvalues: call correct_eigenvalues first")
+        key = (float(gamma), str(scope))
+        if key not in self._ekfac_masks:
+            self._ekfac_masks[key] = ekfac_masks(self._ekfac, gamma, scope)
+        return self._ekfac_masks[key]
+
     def projectors(self, gamma: float, scope: str = "layer", kind: str = "kfac",
                    dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> dict[str, Any]:
-        """Per-target projectors onto the kept subspace: `kfac` (CrispEdit) or `nscl` (null space of A)."""
+        """Per-target projectors onto the kept subspace: `kfac` (CrispEdit), `ekfac` (the same eigenbasis ranked by
+        corrected eigenvalues; after `correct_eigenvalues`) or `nscl` (null space of A)."""
         if not 0.0 < gamma < 1.0:
             raise CrispEditError(f"gamma must be in (0, 1), got {gamma}")
-        if kind == "kfac":
-            masks = self.masks(gamma, scope)
+        if kind in ("kfac", "ekfac"):
+            masks = self.masks(gamma, scope) if kind == "kfac" else self.ekfac_masks(gamma, scope)
             check_kept(masks, gamma, kind)
             return {n: KroneckerProjector(self.eigen[n].U_S, self.eigen[n].U_A, m, dtype=dtype, device=device)
                     for n, m in masks.items()}

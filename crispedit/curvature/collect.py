@@ -260,6 +260,52 @@ def _batches(seqs: Sequence[Sequence[int]], batch_size: int, max_tokens: int | N
     return batches
 
 
+@dataclass
+class LMBatch:
+    """One padded batch of a next-token collection: which sequences, their ids, attention, next-token targets
+    (-100: no loss term), the positions that count (`valid`), the first-token sink positions summed apart
+    (`sink`, or None) and the sequences' own label streams (`generators`, sampled labels only)."""
+
+    index: list[int]
+    ids: torch.Tensor
+    attention: torch.Tensor
+    targets: torch.Tensor
+    valid: torch.Tensor
+    sink: torch.Tensor | None
+    generators: list[torch.Generator] | None
+
+
+def lm_batches(sequences: Sequence[Sequence[int]], cfg: CurvatureConfig, batch_size: int, max_tokens: int | None,
+               pad_id: int, device: torch.device | str, indices: Sequence[int],
+               positions: Sequence[Sequence[int] | None] | None = None, desc: str | None = None) -> Iterator[LMBatch]:
+    """The batches every next-token statistic (K-FAC's factors, EK-FAC's eigenvalues) is summed over, grouped by
+    length (`_batches`); `desc`: show a progress bar with this title."""
+    batches = _batches(sequences, batch_size, max_tokens)
+    for idx in tqdm(batches, desc=desc, disable=desc is None, unit="batch"):
+        seqs = [list(sequences[i]) for i in idx]
+        T = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), T), dtype=torch.bool)
+        for r, s in enumerate(seqs):
+            ids[r, : len(s)] = torch.tensor(s)
+            keep = None if positions is None else positions[idx[r]]
+            if keep is None:
+                mask[r, : len(s)] = True
+            else:
+                mask[r, [p for p in keep if 0 <= p < len(s)]] = True
+        attn = (torch.arange(T).expand(len(seqs), T) < torch.tensor([len(s) for s in seqs])[:, None])
+        ids, mask, attn = ids.to(device), mask.to(device), attn.to(device)
+        targets = torch.full_like(ids, -100)
+        targets[:, :-1] = torch.where(attn[:, 1:], ids[:, 1:], torch.full_like(ids[:, 1:], -100))
+        valid, sink = mask, None
+        if cfg.sink_tokens > 0:
+            pos = torch.arange(T, device=device).expand_as(mask)  # counted positions only, as A and S
+            sink = mask & (pos < cfg.sink_tokens)
+            valid = mask & ~sink
+        gens = sequence_generators(cfg.seed, [indices[i] for i in idx]) if cfg.labels == Labels.SAMPLED else None
+        yield LMBatch(list(idx), ids, attn, targets, valid, sink, gens)
+
+
 def collect_lm_stats(
     model: nn.Module,
     sequences: Sequence[Sequence[int]],
@@ -303,37 +349,16 @@ def collect_lm_stats(
         raise ValueError(f"{len(indices)} indices for {len(sequences)} sequences")
     if positions is not None and len(positions) != len(sequences):
         raise ValueError(f"{len(positions)} position lists for {len(sequences)} sequences")
-    batches = _batches(sequences, batch_size, max_tokens)
     was_training = model.training
     model.eval()
     try:
         with frozen_parameters(model):
-            for idx in tqdm(batches, desc=desc, disable=not progress, unit="batch"):
-                seqs = [list(sequences[i]) for i in idx]
-                T = max(len(s) for s in seqs)
-                ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-                mask = torch.zeros((len(seqs), T), dtype=torch.bool)
-                for r, s in enumerate(seqs):
-                    ids[r, : len(s)] = torch.tensor(s)
-                    keep = None if positions is None else positions[idx[r]]
-                    if keep is None:
-                        mask[r, : len(s)] = True
-                    else:
-                        mask[r, [p for p in keep if 0 <= p < len(s)]] = True
-                attn = (torch.arange(T).expand(len(seqs), T) < torch.tensor([len(s) for s in seqs])[:, None])
-                ids, mask, attn = ids.to(device), mask.to(device), attn.to(device)
-                targets = torch.full_like(ids, -100)
-                targets[:, :-1] = torch.where(attn[:, 1:], ids[:, 1:], torch.full_like(ids[:, 1:], -100))
-                valid, sink = mask, None
-                if cfg.sink_tokens > 0:
-                    pos = torch.arange(T, device=device).expand_as(mask)  # counted positions only, as A and S
-                    sink = mask & (pos < cfg.sink_tokens)
-                    valid = mask & ~sink
-                gens = sequence_generators(cfg.seed, [indices[i] for i in idx]) if cfg.labels == Labels.SAMPLED else None
+            for b in lm_batches(sequences, cfg, batch_size, max_tokens, pad_id, device, indices, positions,
+                                desc if progress else None):
                 accumulate_batch(
                     stats, modules,
-                    lambda: model(input_ids=ids, attention_mask=attn.long()).logits,
-                    targets, valid, cfg, None, sink, row_generators=gens,
+                    lambda: model(input_ids=b.ids, attention_mask=b.attention.long()).logits,
+                    b.targets, b.valid, cfg, None, b.sink, row_generators=b.generators,
                 )
     finally:
         model.train(was_training)

@@ -46,13 +46,36 @@ class EditResult:
     diagnostics: dict[str, Any] = field(default_factory=dict)
 
 
-def build_projectors(curvature, cfg: EditConfig, device) -> dict[str, Any] | None:
-    kind = cfg.projection
+def projection_kind(cfg: EditConfig) -> str | None:
+    """What the run projects with: 'kfac', 'ekfac' (K-FAC's eigenbasis ranked by corrected eigenvalues), 'nscl' or
+    None."""
+    if cfg.projection == "kfac" and cfg.eigenvalues == "ekfac":
+        return "ekfac"
+    return cfg.projection
+
+
+def build_projectors(curvature, cfg: EditConfig, device, model: nn.Module | None = None, tokenizer=None,
+                     pad_id: int = 0) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """The run's projectors, and the record of the EK-FAC pass when `cfg.eigenvalues` is 'ekfac' (it runs here,
+    on the cache's own sequences at `model`'s current weights, unless the curvature already holds one)."""
+    kind = projection_kind(cfg)
     if kind is None:
-        return None
+        return None, None
     if curvature is None:
         raise CrispEditError(f"method {cfg.method!r} needs a curvature", hint={"curvature": ...})
-    return curvature.projectors(cfg.gamma, cfg.scope, kind=kind, device=device)
+    info = None
+    if kind == "ekfac" and curvature.corrected_eigenvalues is None:
+        from crispedit.curvature.extend import curvature_sequences
+
+        if model is None or tokenizer is None:
+            raise CrispEditError("eigenvalues 'ekfac' needs the model and its tokenizer to correct the eigenvalues")
+        seqs = curvature_sequences(tokenizer, curvature.record, "the curvature to correct (eigenvalues ekfac)")
+        info = curvature.correct_eigenvalues(model, seqs, pad_id)
+        logger.info("EK-FAC eigenvalues from %d sequences in %.1f s", info["sequences"], info["seconds"])
+    projs = curvature.projectors(cfg.gamma, cfg.scope, kind=kind, device=device)
+    if kind == "ekfac":
+        info = dict(info or {}, kept_fraction={n: float(p.kept_fraction) for n, p in projs.items()})
+    return projs, info
 
 
 def edit(model: nn.Module, tokenizer, requests: Sequence[EditRequest], targets: Sequence[str], cfg: EditConfig,
@@ -71,8 +94,9 @@ def edit(model: nn.Module, tokenizer, requests: Sequence[EditRequest], targets: 
     targets = list(targets)
     check_untied(model, targets)
     device = next(model.parameters()).device
+    ekfac_info = None
     if projectors is None:
-        projectors = build_projectors(curvature, cfg, device)
+        projectors, ekfac_info = build_projectors(curvature, cfg, device, model, tokenizer, pad_id_of(tokenizer))
     if curvature is not None and list(curvature.targets) != targets:
         raise CrispEditError(f"the curvature cache covers {curvature.targets}, but the edit targets are {targets}")
     modules = {n: model.get_submodule(n) for n in targets}
@@ -220,6 +244,7 @@ def edit(model: nn.Module, tokenizer, requests: Sequence[EditRequest], targets: 
         prefixes=prefixes,
         anchors={"n": len(anchors), "kl_per_step": anchor_losses} if anchors else None,
         relinearize=None if relin is None else relin.describe(),
+        ekfac=ekfac_info,
         replay=None if replay is None else {"chunks": len(replay.sequences), "per_step": replay.per_step,
                                             "corpus": replay_corpus, "kl_per_step": replay_losses},
         edit_positions=None if active is None else {
@@ -364,7 +389,8 @@ def diagnostics(deltas: Mapping[str, torch.Tensor], curvature, cfg: EditConfig) 
     out: dict[str, Any] = {}
     projs = None
     if curvature is not None:
-        projs = curvature.projectors(cfg.gamma, cfg.scope, kind="kfac", dtype=torch.float64, device="cpu")
+        kind = "ekfac" if projection_kind(cfg) == "ekfac" and curvature.corrected_eigenvalues is not None else "kfac"
+        projs = curvature.projectors(cfg.gamma, cfg.scope, kind=kind, dtype=torch.float64, device="cpu")
     for n, d in deltas.items():
         d64 = d.double().cpu()
         row: dict[str, Any] = {"norm": float(d64.norm())}

@@ -120,6 +120,9 @@ class SequentialEditor:
         if edit_statistics not in EditStatistics.values():
             raise CrispEditError(f"edit_statistics must be one of {', '.join(EditStatistics.values())}, got "
                                  f"{edit_statistics!r}")
+        if cfg.eigenvalues != "kfac":
+            raise CrispEditError(f"eigenvalues {cfg.eigenvalues!r} is not implemented for sequential editing (each "
+                                 "chunk's merged statistics would need their own correction); edit in one batch")
         if cfg.relinearize:
             raise CrispEditError("relinearize is not implemented for sequential editing (a chunk's statistics would "
                                  "have to be recollected too); edit in one batch, or leave it at 0")
