@@ -298,6 +298,7 @@ def corpus_of_curvature(tokenizer, curvature, split: str, n_samples: int, seed: 
     first = ((curvature.record.get("corpora") or [{}])[0] if curvature is not None else {}) or {}
     source = None if first.get("source") in (None, "wikipedia") else first["source"]
     defaults = CorpusConfig()
-    return build_corpus(tokenizer, source, n_samples=n_samples, max_length=defaults.max_length, seed=seed,
-                        split=split, heldout_fraction=first.get("heldout_fraction", defaults.heldout_fraction),
+    return build_corpus(tokenizer, source, n_samples=n_samples, seed=seed, split=split,
+                        max_length=first.get("max_length", defaults.max_length),
+                        heldout_fraction=first.get("heldout_fraction", defaults.heldout_fraction),
                         split_seed=first.get("split_seed", 0), text_field=first.get("text_field", defaults.text_field))
