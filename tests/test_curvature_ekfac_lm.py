@@ -127,18 +127,3 @@ def test_ekfac_needs_the_kfac_projection_and_a_batch_edit(byte_bpe_tokenizer, co
     assert not (tmp_path / "state").exists()
     with pytest.raises(CrispEditError, match="call correct_eigenvalues first"):
         cur.projectors(0.9, kind="ekfac")
-
-
-def test_the_curvatures_corpus_is_cut_as_the_cache_was(byte_bpe_tokenizer, corpus):
-    """Replay and the KL budget read chunks of the cache's own corpus: at its recorded length, not the default."""
-    from crispedit.data.corpus import corpus_of_curvature
-
-    tok = byte_bpe_tokenizer
-    ccfg = CurvatureConfig(targets=",".join(TARGETS), labels="sampled", sink_tokens=1, batch_size=4, seed=5)
-    cur = collect_curvature(tiny_llama(tok), corpus, ccfg, pad_id=tok.pad_token_id)
-    assert cur.record["corpora"][0]["max_length"] == 20
-    train = corpus_of_curvature(tok, cur, "train", 8, seed=3)  # the fixture's seed
-    held = corpus_of_curvature(tok, cur, "heldout", 4)
-    assert train.sequences == corpus.sequences  # the same chunks, in the same order
-    assert max(map(len, held.sequences)) <= 20 and held.sequences
-    assert not {tuple(s) for s in held.sequences} & {tuple(s) for s in train.sequences}

@@ -106,3 +106,17 @@ def test_relinearize_needs_a_projection_a_rebuildable_cache_and_a_batch_edit(byt
     with pytest.raises(CrispEditError, match="not implemented for sequential editing"):
         SequentialEditor.create(tmp_path / "state", model, cur, EditConfig(relinearize=1))
     assert not (tmp_path / "state").exists()
+
+
+def test_the_curvatures_corpus_is_cut_as_the_cache_was(byte_bpe_tokenizer, corpus):
+    """Replay and the KL budget read chunks of the cache's own corpus: at its recorded length, not the default."""
+    from crispedit.data.corpus import corpus_of_curvature
+
+    tok = byte_bpe_tokenizer
+    cur = collect_curvature(tiny_llama(tok), corpus, CCFG, pad_id=tok.pad_token_id)
+    assert cur.record["corpora"][0]["max_length"] == 24
+    train = corpus_of_curvature(tok, cur, "train", 10, seed=3)  # the fixture's seed
+    held = corpus_of_curvature(tok, cur, "heldout", 4)
+    assert train.sequences == corpus.sequences  # the same chunks, in the same order
+    assert max(map(len, held.sequences)) <= 24 and held.sequences
+    assert not {tuple(s) for s in held.sequences} & {tuple(s) for s in train.sequences}
