@@ -94,7 +94,9 @@ def main() -> None:
         cap = capability_metrics(base, model, report_seqs, 8, False, pad_id_of(tok))
         s = build_report(edit=em, capability=cap.to_json()).summary
         row = {"eps": eps, "scale": cert["scale"] if cert else 1.0,
-               "kl_certified": cert["kl_nats_per_token"] if cert else None, "summary": s, "data": name,
+               "kl_certified": cert["kl_nats_per_token"] if cert else None,
+               "evaluations": [{"scale": e["scale"], "kl": e["kl_nats_per_token"]} for e in cert["evaluations"]]
+               if cert else None, "summary": s, "data": name,
                "n": len(requests), "edit_seconds": t_edit, "recipe": run, "delta": a.delta}
         rows.append(row)
         with out.open("a") as f:

@@ -87,3 +87,33 @@ def test_curvature_subset_equals_the_subset_collected_alone(setup):
     picked.check_model(model)  # the subset's fingerprint is the subset's
     with pytest.raises(Exception, match="does not cover"):
         cur.select(["model.layers.5.mlp.down_proj"])
+
+
+def test_scale_search_needs_one_guess_for_a_quadratic_kl_and_halves_the_bracket_at_a_cliff():
+    from crispedit.editing.budget import search_scale
+
+    def counted(f):
+        calls = []
+
+        def g(a):
+            calls.append(a)
+            return f(a)
+        return g, calls
+
+    quad, calls = counted(lambda a: 0.3 * a * a)
+    alpha, kl = search_scale(quad, 0.3, 0.1)
+    assert len(calls) == 1 and 0.8 * 0.1 <= kl <= 0.1 and alpha == pytest.approx((0.097 / 0.3) ** 0.5)
+
+    # flat, then a wall: the KL of several edited layers backed off along their path (README)
+    def cliff(a):
+        return 0.02 * a * a if a <= 0.7 else 0.0098 + 5 * (a - 0.7)
+
+    for eps in (0.05, 0.2, 0.5):
+        crossing = 0.7 + (eps - 0.0098) / 5
+        f, calls = counted(cliff)
+        alpha, kl = search_scale(f, cliff(1.0), eps, max_evaluations=6)
+        assert kl <= eps and kl == cliff(alpha) and len(calls) <= 5
+        assert crossing - 0.03 <= alpha <= crossing  # a power law capped at α⁴ alone ends at 0.51 for ε 0.05
+
+    never, _ = counted(lambda a: 1.0 + a)
+    assert search_scale(never, 2.0, 0.1, max_evaluations=4) == (0.0, 0.0)

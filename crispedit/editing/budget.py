@@ -16,7 +16,7 @@ certificate is a measurement on that text, not a bound for all inputs.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -60,6 +60,37 @@ def measure_kl(model: nn.Module, base: dict[str, torch.Tensor], edited: dict[str
             "perplexity_edited": res.perplexity_edited, "n_tokens": res.n_tokens}
 
 
+def search_scale(kl_at: Callable[[float], float], kl1: float, eps: float, max_evaluations: int = 6,
+                 target: float = 0.97) -> tuple[float, float]:
+    """The largest scale α found in (0, 1] whose KL `kl_at(α)` is ≤ `eps`, and that KL; (0, 0) if none.
+
+    `kl1` is the KL at α = 1 (one evaluation already made). Each new α comes from a power law KL = c·α^p through
+    the two measurements that bracket the budget, aimed at `target`·ε: near the base KL is quadratic and one
+    guess usually suffices. A KL that rises like a cliff (several edited layers, README) fits a power above 4; such
+    a fit aims far too low again and again, so the bracket is halved instead. Stops at `max_evaluations`
+    evaluations in all, or once the best α's KL is ≥ 0.8·ε."""
+    best = (1.0, kl1) if kl1 <= eps else (0.0, 0.0)
+    lo, hi = (0.0, 0.0), (1.0, kl1)  # (α, KL): lo meets the budget, hi breaks it
+    evaluations = 1
+    while kl1 > eps and evaluations < max_evaluations and best[1] < 0.8 * eps:
+        (a0, k0), (a1, k1) = lo, hi
+        # power law through the bracketing measurements (quadratic while the lower end is α = 0)
+        p = math.log(k1 / k0) / math.log(a1 / a0) if a0 > 0 and k0 > 0 and k1 > k0 else 2.0
+        if p > 4.0:
+            alpha = 0.5 * (a0 + a1)
+        else:
+            alpha = a1 * (target * eps / k1) ** (1.0 / max(p, 1.0))
+            alpha = min(max(alpha, a0 + 0.05 * (a1 - a0)), a1 - 0.05 * (a1 - a0))
+        kl = kl_at(alpha)
+        evaluations += 1
+        if kl <= eps:
+            lo = (alpha, kl)
+            best = max(best, lo)
+        else:
+            hi = (alpha, kl)
+    return best
+
+
 def enforce_kl_budget(model: nn.Module, delta: EditDelta, sequences: Sequence[Sequence[int]], max_kl: float,
                       pad_id: int = 0, batch_size: int = 8, max_evaluations: int = 6, target: float = 0.97,
                       ) -> dict[str, Any]:
@@ -85,21 +116,7 @@ def enforce_kl_budget(model: nn.Module, delta: EditDelta, sequences: Sequence[Se
         return m["kl_nats_per_token"]
 
     kl1 = kl_at(1.0)
-    best = (1.0, kl1) if kl1 <= eps else (0.0, 0.0)
-    lo, hi = (0.0, 0.0), (1.0, kl1)  # (α, KL): lo meets the budget, hi breaks it
-    while kl1 > eps and len(evals) < max_evaluations and best[1] < 0.8 * eps:
-        (a0, k0), (a1, k1) = lo, hi
-        # power law KL = c·α^p through the bracketing measurements (quadratic while the lower end is α = 0)
-        p = math.log(k1 / k0) / math.log(a1 / a0) if a0 > 0 and k0 > 0 and k1 > k0 else 2.0
-        p = min(max(p, 1.0), 4.0)
-        alpha = a1 * (target * eps / k1) ** (1.0 / p)
-        alpha = min(max(alpha, a0 + 0.05 * (a1 - a0)), a1 - 0.05 * (a1 - a0))
-        kl = kl_at(alpha)
-        if kl <= eps:
-            lo = (alpha, kl)
-            best = max(best, lo)
-        else:
-            hi = (alpha, kl)
+    best = search_scale(kl_at, kl1, eps, max_evaluations, target)
     alpha, kl = best
     # base + α·ΔW is materialised exactly as it was when measured, so the certificate is for these very weights
     scaled = {n: alpha * deltas[n].float() for n in targets}
