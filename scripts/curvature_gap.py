@@ -30,7 +30,7 @@ from crispedit.curvature.api import Curvature
 from crispedit.curvature.collect import Capture
 from crispedit.curvature.energy import energy_cutoff_values
 from crispedit.curvature.extend import curvature_sequences
-from crispedit.data.corpus import build_corpus
+from crispedit.data.corpus import corpus_of_curvature
 from crispedit.editing.delta import EditDelta
 from crispedit.editing.engine import kfac_quadratic_form
 from crispedit.models.loading import load_model
@@ -107,7 +107,7 @@ def main() -> None:
                   "kfac_quadratic": {n: kfac_quadratic_form(cur, n, deltas[n]) for n in names}}
     print("K-FAC ½ΔᵀFΔ", rows["kfac_quadratic"], flush=True)
     train = curvature_sequences(tok, cur.record)[: args.train]
-    held = build_corpus(tok, None, n_samples=args.heldout, max_length=256, split="heldout").sequences
+    held = corpus_of_curvature(tok, cur, "heldout", args.heldout).sequences  # the cache's corpus, cut as it was
     tr = pass_over(model, train, names, deltas, eigen, args.mc, 0, sink, True)
     lam = tr.pop("_lam")
     rows["train"] = tr

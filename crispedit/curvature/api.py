@@ -111,9 +111,8 @@ class Curvature:
         self.stats = stats
         self.eigen = eigen
         self.record = record
-        self._masks: dict[tuple[float, str], dict[str, torch.Tensor]] = {}
+        self._masks: dict[tuple[str, float, str], dict[str, torch.Tensor]] = {}  # (kind, γ, scope)
         self._ekfac: dict[str, Any] | None = None  # EK-FAC eigenvalues once `correct_eigenvalues` ran
-        self._ekfac_masks: dict[tuple[float, str], dict[str, torch.Tensor]] = {}
 
     @property
     def targets(self) -> list[str]:
@@ -245,7 +244,7 @@ class Curvature:
     def masks(self, gamma: float, scope: str = "layer") -> dict[str, torch.Tensor]:
         """Keep-masks (d_out, d_in) per target at threshold γ; built once per (γ, scope) and reused (the edit,
         its diagnostics and the run record all ask). Treat them as read-only."""
-        key = (float(gamma), str(scope))
+        key = ("kfac", float(gamma), str(scope))
         if key not in self._masks:
             self._masks[key] = build_masks(self.eigen, gamma, scope)
         return self._masks[key]
@@ -260,7 +259,7 @@ class Curvature:
 
         t0 = time.perf_counter()
         self._ekfac = collect_ekfac_lm(model, sequences, self.eigen, self.config, pad_id, progress)
-        self._ekfac_masks = {}
+        self._masks = {k: v for k, v in self._masks.items() if k[0] != "ekfac"}
         return {"sequences": len(sequences), "seconds": round(time.perf_counter() - t0, 2)}
 
     @property
@@ -274,10 +273,10 @@ class Curvature:
 
         if self._ekfac is None:
             raise CrispEditError("EK-FAC masks need corrected eigenvalues: call correct_eigenvalues first")
-        key = (float(gamma), str(scope))
-        if key not in self._ekfac_masks:
-            self._ekfac_masks[key] = ekfac_masks(self._ekfac, gamma, scope)
-        return self._ekfac_masks[key]
+        key = ("ekfac", float(gamma), str(scope))
+        if key not in self._masks:
+            self._masks[key] = ekfac_masks(self._ekfac, gamma, scope)
+        return self._masks[key]
 
     def projectors(self, gamma: float, scope: str = "layer", kind: str = "kfac",
                    dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> dict[str, Any]:
