@@ -26,6 +26,39 @@ def test_planned_steps_is_what_an_epoch_cuts_times_the_epochs():
     assert planned_steps(1500, EditConfig(max_steps=10)) == 10
 
 
+def test_default_epochs_reach_the_step_floor_in_whole_epochs_and_given_epochs_are_exact():
+    import math
+
+    from crispedit.editing.engine import batches_per_epoch, planned_epochs, planned_steps
+
+    few = EditConfig()  # 39 requests x 5 training variants: 7 batches of 32 per epoch
+    assert batches_per_epoch(195, few) == 7
+    assert planned_epochs(195, few) == math.ceil(400 / 7) == 58 and planned_steps(195, few) == 406
+    assert planned_epochs(1, few) == 400  # one sequence: one batch per epoch
+    assert planned_epochs(500, few) == 25 and planned_steps(500, few) == 400  # 16 batches: the paper's 25 epochs
+    assert planned_epochs(5000, few) == 25  # past the floor, nothing changes
+    assert planned_epochs(195, EditConfig(min_steps=0)) == 25
+    assert planned_epochs(195, EditConfig(epochs=3)) == 3  # a given epoch count is not extended
+    assert planned_steps(195, EditConfig(max_steps=50)) == 50
+    with pytest.raises(ValueError, match="min_steps"):
+        EditConfig(min_steps=-1)
+
+
+def test_the_step_floor_runs_whole_epochs_and_early_stopping_still_ends_it(byte_bpe_tokenizer):
+    from crispedit.editing.engine import edit
+
+    tok = byte_bpe_tokenizer
+    common = dict(method="ft", lr=2e-2, batch_size=2, edit_positions="all", prefixes=0, contexts=("raw",))
+    # REQUESTS x raw = 3 sequences -> 2 batches per epoch; a floor of 60 steps -> 30 epochs, not the default 25
+    res = edit(tiny_llama(tok), tok, REQUESTS, TARGETS, EditConfig(min_steps=60, early_stop_loss=1e-9, **common))
+    assert (res.steps, res.epochs, res.stopped) == (60, 30, "epochs")
+    assert res.delta.record["config"]["epochs"] is None and res.delta.record["config"]["min_steps"] == 60
+    given = edit(tiny_llama(tok), tok, REQUESTS, TARGETS, EditConfig(epochs=2, early_stop_loss=1e-9, **common))
+    assert (given.steps, given.epochs) == (4, 2)
+    stopped = edit(tiny_llama(tok), tok, REQUESTS, TARGETS, EditConfig(min_steps=400, early_stop_loss=1.0, **common))
+    assert stopped.stopped == "early_stop" and stopped.steps < 400
+
+
 def test_a_decaying_lr_follows_its_formula_and_shortens_the_path(byte_bpe_tokenizer):
     import math
 

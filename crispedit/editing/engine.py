@@ -156,7 +156,7 @@ def edit(model: nn.Module, tokenizer, requests: Sequence[EditRequest], targets: 
     model.eval()  # no dropout: the edit loss is deterministic
     try:
         frozen.__enter__()
-        bar = tqdm(range(cfg.epochs), desc=f"edit ({cfg.method})", disable=not progress, unit="epoch")
+        bar = tqdm(range(planned_epochs(len(seqs), cfg)), desc=f"edit ({cfg.method})", disable=not progress, unit="epoch")
         for epoch in bar:
             per_seq_loss = [math.nan] * len(seqs)
             batch_losses = []
@@ -259,14 +259,30 @@ def edit(model: nn.Module, tokenizer, requests: Sequence[EditRequest], targets: 
                       stopped, seconds, diag)
 
 
+DEFAULT_EPOCHS = 25  # the paper's Table 2 cap, used when `EditConfig.epochs` is left at its default (None)
+
+
+def batches_per_epoch(n_sequences: int, cfg: EditConfig) -> int:
+    """How many batches `epoch_batches` cuts `n_sequences` into (runs of `length_window` batches)."""
+    span = cfg.batch_size * max(cfg.length_window, 1)
+    return sum(math.ceil(min(span, n_sequences - w) / cfg.batch_size) for w in range(0, n_sequences, span))
+
+
+def planned_epochs(n_sequences: int, cfg: EditConfig) -> int:
+    """The epoch cap: `cfg.epochs` when given; by default 25, or as many more whole epochs as reach
+    `cfg.min_steps` steps. An epoch of a few requests is a few steps (39 requests x 5 training variants = 7
+    batches), and what fits an edit set under Adam is a number of steps, not of passes; whole epochs keep every
+    request seen equally often."""
+    if cfg.epochs is not None:
+        return cfg.epochs
+    per_epoch = batches_per_epoch(n_sequences, cfg)
+    return max(DEFAULT_EPOCHS, math.ceil(cfg.min_steps / per_epoch)) if per_epoch else DEFAULT_EPOCHS
+
+
 def planned_steps(n_sequences: int, cfg: EditConfig) -> int:
     """The step budget a learning-rate schedule spans: every epoch's batches (what `epoch_batches` cuts for
-    `n_sequences`), capped by `max_steps`. Early stopping may end the run before it."""
-    span = cfg.batch_size * max(cfg.length_window, 1)
-    per_epoch = 0
-    for w in range(0, n_sequences, span):
-        per_epoch += math.ceil(min(span, n_sequences - w) / cfg.batch_size)
-    total = per_epoch * cfg.epochs
+    `n_sequences`) over `planned_epochs`, capped by `max_steps`. Early stopping may end the run before it."""
+    total = batches_per_epoch(n_sequences, cfg) * planned_epochs(n_sequences, cfg)
     return min(total, cfg.max_steps) if cfg.max_steps else total
 
 
