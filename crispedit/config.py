@@ -456,6 +456,10 @@ class ConfigBase:
 
 # ------------------------------------------------------------------------------------------ stages
 
+# The paper's Table 2 cap on passes over the edit requests; `EditConfig.epochs` left at None means this many, or more
+# whole passes until `EditConfig.min_steps` steps have run (`crispedit.editing.engine.planned_epochs`).
+DEFAULT_EPOCHS = 25
+
 LAYERS_HELP = ("target layers: a module path, a template such as 'model.layers.{10-14}.mlp.down_proj', "
                "a regex, or several separated by commas (default: the model type's defaults)")
 
@@ -543,10 +547,10 @@ class EditConfig(ConfigBase):
 
     Defaults: the paper's Table 2 (Adam, batch 32, ≤25 epochs, stop when the epoch-mean edit loss < 0.01)
     except γ = 0.9, lr = 5e-3 and a floor of 400 steps under the default epochs (an epoch of a few requests is a
-    few steps, and Adam needs a number of steps, not of passes, to fit them), measured on the embedded model (README, results): with Adam in the masked
-    eigenbasis every kept coordinate moves ~lr per step, and at lr 1e-3 / γ 0.99 a 25-step budget barely
-    lowers the edit loss (12.5 → 10.6 on 20 CounterFact edits, 0 % reliability). The change acts at the
-    subject's last token while training (`edit_positions`): at every token, the edit also rewrote how the model
+    few steps, and Adam needs a number of steps, not of passes, to fit them), measured on the embedded model
+    (README, results): with Adam in the masked eigenbasis every kept coordinate moves ~lr per step, and at lr
+    1e-3 / γ 0.99 a 25-step budget barely lowers the edit loss (12.5 → 10.6 on 20 CounterFact edits, 0 %
+    reliability). The change acts at the subject's last token while training (`edit_positions`): at every token, the edit also rewrote how the model
     answers any question in the trained contexts (first-token locality 0.05 against 0.80 in the QA context, 20
     CounterFact edits; README, results).
 
@@ -571,9 +575,10 @@ class EditConfig(ConfigBase):
     lr_schedule: LRSchedule = option(LRSchedule.CONSTANT, "constant; cosine or linear: decay the lr to 0 over the "
                                      "step budget (epochs x batches per epoch, or max_steps). Adam moves each kept "
                                      "coordinate about lr per step, so a decay shortens the weights' path")
-    epochs: int | None = option(None, "passes over the edit requests, at most; default: 25, or more whole passes "
-                                      "until min_steps steps have run", low=1)
-    min_steps: int = option(400, "with the default epochs: whole passes are added past 25 until this many steps "
+    epochs: int | None = option(None, f"passes over the edit requests, at most; default: {DEFAULT_EPOCHS}, or more "
+                                      "whole passes until min_steps steps have run", low=1)
+    min_steps: int = option(400, f"with the default epochs: whole passes are added past {DEFAULT_EPOCHS} until "
+                                 "this many steps "
                                  "have run (early stopping still ends the run). 25 passes over a few requests are "
                                  "few steps: 39 WikiBigEdit requests got 175 and fit to loss 0.68, at 400 to 0.01; "
                                  "from about 100 requests on, 25 passes already take 400 steps", low=0)
@@ -710,7 +715,7 @@ class DemoConfig(ConfigBase):
     ft_lr: float = option(1e-3, "learning rate of the FT run (FT's best in the README's sweeps)", low=0.0,
                           low_open=True)
     show: int = option(3, "edits whose generations are printed (each context and a rephrase)", low=0)
-    epochs: int = option(25, "epochs of both edits, at most (the paper's 25, without EditConfig's floor of "
+    epochs: int = option(DEFAULT_EPOCHS, "epochs of both edits, at most (the paper's, without EditConfig's floor of "
                              "min_steps steps: 10 edits fit in their 50 steps, and the first command stays short)",
                          low=1)
     benchmark_limit: int = option(0, "MMLU/ARC items (0: skip)", low=0)

@@ -15,7 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from crispedit.data.records import EditRequest
-from crispedit.config import PROJECTION_FOR_METHOD, EditConfig  # noqa: F401 - PROJECTION_FOR_METHOD re-exported
+from crispedit.config import DEFAULT_EPOCHS, PROJECTION_FOR_METHOD, EditConfig  # noqa: F401 - re-exported
 from crispedit.editing.batches import build_training, training_contexts
 from crispedit.editing.contexts import anchor_prompts
 from crispedit.editing.delta import EditDelta, materialize
@@ -156,7 +156,8 @@ def edit(model: nn.Module, tokenizer, requests: Sequence[EditRequest], targets: 
     model.eval()  # no dropout: the edit loss is deterministic
     try:
         frozen.__enter__()
-        bar = tqdm(range(planned_epochs(len(seqs), cfg)), desc=f"edit ({cfg.method})", disable=not progress, unit="epoch")
+        bar = tqdm(range(planned_epochs(len(seqs), cfg)), desc=f"edit ({cfg.method})", disable=not progress,
+                   unit="epoch")
         for epoch in bar:
             per_seq_loss = [math.nan] * len(seqs)
             batch_losses = []
@@ -257,9 +258,6 @@ def edit(model: nn.Module, tokenizer, requests: Sequence[EditRequest], targets: 
                 epoch_losses[-1] if epoch_losses else math.nan, seconds)
     return EditResult(delta, step_losses, epoch_losses, request_losses, step_seconds, step, len(epoch_losses),
                       stopped, seconds, diag)
-
-
-DEFAULT_EPOCHS = 25  # the paper's Table 2 cap, used when `EditConfig.epochs` is left at its default (None)
 
 
 def batches_per_epoch(n_sequences: int, cfg: EditConfig) -> int:
