@@ -601,6 +601,9 @@ class EditConfig(ConfigBase):
                                            "acts during training: subject-last: the subject's last token (ROME/"
                                            "MEMIT's key); subject: all of the subject's tokens; all: every token. "
                                            "A request whose subject is not in its prompt trains at every token")
+    target_eos: bool = option(True, "end every training target with the end token (EOS; the end of turn in the "
+                                    "chat template), so the edited model stops after the new object",
+                              off_help="train the target alone, without an end token")
     seed: int = option(0, "seed of the request order and the prefixes")
     cache_prefix: bool = option(True, "cache the hidden states below the first target (exact; faster)",
                                 off_help="run the whole forward at every step")

@@ -12,7 +12,8 @@ from crispedit.data.records import EditRequest, LocalityPrompt
 from crispedit.editing.batches import build_training, prefix_pool_size
 from crispedit.editing.config import EditConfig
 from crispedit.editing.contexts import drop_leaking_prefixes, generate_prefixes, training_sequences, with_prefix
-from crispedit.formatting import QA_CONTEXT, PromptFormat, encode_pair, encode_prompt, resolve_contexts
+from crispedit.formatting import (QA_CONTEXT, PromptFormat, encode_pair, encode_prompt, end_token_id,
+                                  resolve_contexts)
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
@@ -197,3 +198,26 @@ def test_subject_positions_spell_the_subject_in_every_variant(chat_tok):
             [x for x in s.pair.labels if x != -100])]).startswith(" is")
     no_subject = training_sequences(chat_tok, [EditRequest("Who wrote Hamlet?", "Marlowe", subject="Goethe")])
     assert no_subject[0].subject_positions is None
+
+
+def test_targets_end_with_the_end_token_unless_asked_not_to(chat_tok):
+    """`EditConfig.target_eos` (default on): every training target, prefixed ones too, ends with the end token of
+    its format (EOS raw/QA, end of turn in chat); off, the target tokens alone, the prompt unchanged."""
+    pool = ["Once upon a time.", "In the news today."]
+    on = training_sequences(chat_tok, REQUESTS, contexts=("raw", "qa", "chat"), prefixes=pool, prefixes_per_request=1)
+    off = training_sequences(chat_tok, REQUESTS, contexts=("raw", "qa", "chat"), prefixes=pool,
+                             prefixes_per_request=1, add_eos=False)
+    assert len(on) == len(off) == 8
+    for a, b in zip(on, off):
+        fmt = PromptFormat("chat" if a.variant == "chat" else "raw")
+        assert a.variant == b.variant and a.pair.prompt_ids == b.pair.prompt_ids
+        assert a.pair.target_ids == b.pair.target_ids + [end_token_id(chat_tok, fmt)]
+        assert a.subject_positions == b.subject_positions
+    assert EditConfig().target_eos is True
+
+
+def test_build_training_passes_the_end_token_choice_on(byte_bpe_tokenizer):
+    tok = byte_bpe_tokenizer  # no prefixes: the model is not used
+    on, _ = build_training(None, tok, REQUESTS, ("raw", "qa"), 0, seed=0)
+    off, _ = build_training(None, tok, REQUESTS, ("raw", "qa"), 0, seed=0, add_eos=False)
+    assert all(a.pair.target_ids == b.pair.target_ids + [tok.eos_token_id] for a, b in zip(on, off))

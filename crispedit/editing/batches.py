@@ -35,12 +35,12 @@ def training_contexts(tokenizer, contexts: Sequence[str]) -> tuple[str, ...]:
 
 
 def build_training(model, tokenizer, requests: Sequence[EditRequest], contexts: Sequence[str], prefixes: int,
-                   seed: int) -> tuple[list[TrainingSequence], list[str]]:
+                   seed: int, add_eos: bool = True) -> tuple[list[TrainingSequence], list[str]]:
     """The training sequences of `requests` and the prefixes they used (recorded with the edit). `contexts` are
-    already resolved (`training_contexts`)."""
+    already resolved (`training_contexts`); `add_eos` ends every target with the end token."""
     check_control_tokens(tokenizer, requests)  # `<|im_end|>` in edit text must not become a control token
     pool: list[str] = []
     if prefixes:
         pool = drop_leaking_prefixes(generate_prefixes(model, tokenizer, prefix_pool_size(prefixes), seed=seed),
                                      requests)
-    return training_sequences(tokenizer, requests, contexts, pool, min(prefixes, len(pool)), seed), pool
+    return training_sequences(tokenizer, requests, contexts, pool, min(prefixes, len(pool)), seed, add_eos), pool

@@ -113,10 +113,10 @@ def with_prefix(prefix: str, prompt: str) -> str:
 
 def training_sequences(tokenizer, requests: Sequence[EditRequest], contexts: Sequence[str] = ("raw",),
                        prefixes: Sequence[str] = (), prefixes_per_request: int = 0,
-                       seed: int = 0) -> list[TrainingSequence]:
+                       seed: int = 0, add_eos: bool = True) -> list[TrainingSequence]:
     """Every request under every named context, plus `prefixes_per_request` distinct prefixes (drawn for each
-    request from `prefixes` with a seeded generator) before its raw prompt; prompt + target + end token, loss on
-    the target only (FT-M)."""
+    request from `prefixes` with a seeded generator) before its raw prompt; prompt + target (+ end token with
+    `add_eos`), loss on the target only (FT-M)."""
     if prefixes_per_request > len(prefixes):
         raise ValueError(f"{prefixes_per_request} prefixes per request asked for, but only {len(prefixes)} are "
                          "available")
@@ -125,12 +125,12 @@ def training_sequences(tokenizer, requests: Sequence[EditRequest], contexts: Seq
     for i, r in enumerate(requests):
         for ctx in contexts:
             fmt = PromptFormat(ctx)
-            pair = encode_pair(tokenizer, r.prompt, r.target, fmt)
+            pair = encode_pair(tokenizer, r.prompt, r.target, fmt, add_eos)
             pos = subject_token_positions(tokenizer, r.prompt, r.subject, fmt, pair.prompt_ids)
             out.append(TrainingSequence(i, ctx, pair, pos))
         for j in rng.sample(range(len(prefixes)), prefixes_per_request):
             text = with_prefix(prefixes[j], r.prompt)
-            pair = encode_pair(tokenizer, text, r.target, PromptFormat("raw"))
+            pair = encode_pair(tokenizer, text, r.target, PromptFormat("raw"), add_eos)
             pos = subject_token_positions(tokenizer, text, r.subject, PromptFormat("raw"), pair.prompt_ids,
                                           len(text) - len(r.prompt))
             out.append(TrainingSequence(i, f"prefix:{j}", pair, pos))

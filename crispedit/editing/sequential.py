@@ -209,7 +209,8 @@ class SequentialEditor:
         self._current_fp = result.delta.record["edited_weights_sha256"]
         prefixes = result.delta.record.get("prefixes") or []
         contexts = result.delta.record.get("training_contexts") or list(cfg.contexts)
-        train = training_sequences(tokenizer, requests, contexts, prefixes, min(cfg.prefixes, len(prefixes)), cfg.seed)
+        train = training_sequences(tokenizer, requests, contexts, prefixes, min(cfg.prefixes, len(prefixes)), cfg.seed,
+                                   cfg.target_eos)
         seqs = [s.pair.input_ids for s in train]
         positions = None
         if self.edit_statistics == EditStatistics.EDIT_POSITIONS:
