@@ -140,6 +140,18 @@ class EditPositions(Choice):
     SUBJECT_LAST = "subject-last"
 
 
+class TargetEnd(Choice):
+    """What ends a training target. eos: the end token (EOS; the end of turn in the chat template). none: nothing.
+    turn: the end of turn in the chat template, nothing elsewhere (EOS in raw text is not a natural end, and a model
+    trained on it starts unseen question formats with EOS). period: the end of turn in chat, a period elsewhere
+    (the sentence's natural end; none where the target already ends with . ! or ?)."""
+
+    EOS = "eos"
+    NONE = "none"
+    TURN = "turn"
+    PERIOD = "period"
+
+
 class EditStatistics(Choice):
     """Where CrispEdit-Seq counts a finished chunk's edit sequences in the accumulated statistics: at every
     position (the paper's Appendix E), or only where the change acted while training (`EditConfig.edit_positions`:
@@ -601,9 +613,10 @@ class EditConfig(ConfigBase):
                                            "acts during training: subject-last: the subject's last token (ROME/"
                                            "MEMIT's key); subject: all of the subject's tokens; all: every token. "
                                            "A request whose subject is not in its prompt trains at every token")
-    target_eos: bool = option(True, "end every training target with the end token (EOS; the end of turn in the "
-                                    "chat template), so the edited model stops after the new object",
-                              off_help="train the target alone, without an end token")
+    target_end: TargetEnd = option(TargetEnd.EOS, "what ends every training target, so the edited model stops after "
+                                                  "the new object: eos: the end token (EOS; the end of turn in "
+                                                  "chat); none: nothing; turn: the end of turn in chat, nothing "
+                                                  "elsewhere; period: the end of turn in chat, a period elsewhere")
     seed: int = option(0, "seed of the request order and the prefixes")
     cache_prefix: bool = option(True, "cache the hidden states below the first target (exact; faster)",
                                 off_help="run the whole forward at every step")

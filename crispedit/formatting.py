@@ -95,8 +95,10 @@ def target_text(prompt_text: str, target: str, fmt: PromptFormat) -> str:
 
 
 def encode_target(tokenizer, prompt: str, target: str, fmt: PromptFormat = PromptFormat(),
-                  add_eos: bool = True) -> list[int]:
-    text = target_text(render_prompt(tokenizer, prompt, fmt), target, fmt)
+                  add_eos: bool = True, suffix: str = "") -> list[int]:
+    """The target's tokens as the rendered prompt's continuation; `suffix` (text, e.g. a period) is tokenised with
+    the target so that the tokens are the ones the model would write; `add_eos` appends the format's end token."""
+    text = target_text(render_prompt(tokenizer, prompt, fmt), target, fmt) + suffix
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
     if add_eos:
         ids.append(end_token_id(tokenizer, fmt))
@@ -129,8 +131,9 @@ def span_tokens(tokenizer, text: str, span: tuple[int, int], add_special_tokens:
 
 
 def encode_pair(tokenizer, prompt: str, target: str, fmt: PromptFormat = PromptFormat(),
-                add_eos: bool = True) -> EncodedPair:
-    return EncodedPair(encode_prompt(tokenizer, prompt, fmt), encode_target(tokenizer, prompt, target, fmt, add_eos))
+                add_eos: bool = True, suffix: str = "") -> EncodedPair:
+    return EncodedPair(encode_prompt(tokenizer, prompt, fmt),
+                       encode_target(tokenizer, prompt, target, fmt, add_eos, suffix))
 
 
 def collate(sequences: Sequence[Sequence[int]], pad_id: int, labels: Sequence[Sequence[int]] | None = None,

@@ -11,7 +11,9 @@ import torch
 from crispedit.data.records import EditRequest, LocalityPrompt
 from crispedit.editing.batches import build_training, prefix_pool_size
 from crispedit.editing.config import EditConfig
-from crispedit.editing.contexts import drop_leaking_prefixes, generate_prefixes, training_sequences, with_prefix
+from crispedit.config import TargetEnd
+from crispedit.editing.contexts import (drop_leaking_prefixes, generate_prefixes, target_ending, training_sequences,
+                                       with_prefix)
 from crispedit.formatting import (QA_CONTEXT, PromptFormat, encode_pair, encode_prompt, end_token_id,
                                   resolve_contexts)
 
@@ -200,24 +202,41 @@ def test_subject_positions_spell_the_subject_in_every_variant(chat_tok):
     assert no_subject[0].subject_positions is None
 
 
-def test_targets_end_with_the_end_token_unless_asked_not_to(chat_tok):
-    """`EditConfig.target_eos` (default on): every training target, prefixed ones too, ends with the end token of
-    its format (EOS raw/QA, end of turn in chat); off, the target tokens alone, the prompt unchanged."""
+def test_targets_end_as_configured(chat_tok):
+    """`EditConfig.target_end`: eos (default) ends every target, prefixed ones too, with the end token of its format
+    (EOS raw/QA, end of turn in chat); none: the target tokens alone; turn: the end of turn in chat only; period:
+    the end of turn in chat, a period elsewhere. The prompt and subject positions never change."""
     pool = ["Once upon a time.", "In the news today."]
-    on = training_sequences(chat_tok, REQUESTS, contexts=("raw", "qa", "chat"), prefixes=pool, prefixes_per_request=1)
-    off = training_sequences(chat_tok, REQUESTS, contexts=("raw", "qa", "chat"), prefixes=pool,
-                             prefixes_per_request=1, add_eos=False)
-    assert len(on) == len(off) == 8
-    for a, b in zip(on, off):
-        fmt = PromptFormat("chat" if a.variant == "chat" else "raw")
-        assert a.variant == b.variant and a.pair.prompt_ids == b.pair.prompt_ids
-        assert a.pair.target_ids == b.pair.target_ids + [end_token_id(chat_tok, fmt)]
-        assert a.subject_positions == b.subject_positions
-    assert EditConfig().target_eos is True
+    seqs = {end: training_sequences(chat_tok, REQUESTS, contexts=("raw", "qa", "chat"), prefixes=pool,
+                                    prefixes_per_request=1, end=end) for end in TargetEnd}
+    assert all(len(v) == 8 for v in seqs.values())
+    for i, bare in enumerate(seqs[TargetEnd.NONE]):
+        chat = bare.variant == "chat"
+        fmt = PromptFormat("chat" if chat else "raw")
+        eot = [end_token_id(chat_tok, fmt)]
+        for end, want in [(TargetEnd.EOS, bare.pair.target_ids + eot),
+                          (TargetEnd.TURN, bare.pair.target_ids + (eot if chat else [])),
+                          (TargetEnd.PERIOD, bare.pair.target_ids + eot if chat else None)]:
+            s = seqs[end][i]
+            assert s.variant == bare.variant and s.pair.prompt_ids == bare.pair.prompt_ids
+            assert s.subject_positions == bare.subject_positions
+            if want is not None:
+                assert s.pair.target_ids == want, (end, s.variant)
+        if not chat:  # the period is the sentence's end, written after the target
+            text = chat_tok.decode(seqs[TargetEnd.PERIOD][i].pair.target_ids)
+            assert text == chat_tok.decode(bare.pair.target_ids) + "."
+    assert EditConfig().target_end == TargetEnd.EOS
+
+
+def test_period_is_not_doubled():
+    assert target_ending("Paris", PromptFormat("raw"), "period") == (False, ".")
+    assert target_ending("Yes!", PromptFormat("qa"), "period") == (False, "")
+    assert target_ending("Yes", PromptFormat("chat"), "period") == (True, "")
+    assert target_ending("Yes", PromptFormat("qa"), "turn") == (False, "")
 
 
 def test_build_training_passes_the_end_token_choice_on(byte_bpe_tokenizer):
     tok = byte_bpe_tokenizer  # no prefixes: the model is not used
     on, _ = build_training(None, tok, REQUESTS, ("raw", "qa"), 0, seed=0)
-    off, _ = build_training(None, tok, REQUESTS, ("raw", "qa"), 0, seed=0, add_eos=False)
+    off, _ = build_training(None, tok, REQUESTS, ("raw", "qa"), 0, seed=0, end="none")
     assert all(a.pair.target_ids == b.pair.target_ids + [tok.eos_token_id] for a, b in zip(on, off))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from crispedit.config import TargetEnd
 from crispedit.data.readers import check_control_tokens
 from crispedit.data.records import EditRequest
 from crispedit.editing.contexts import (
@@ -35,12 +36,12 @@ def training_contexts(tokenizer, contexts: Sequence[str]) -> tuple[str, ...]:
 
 
 def build_training(model, tokenizer, requests: Sequence[EditRequest], contexts: Sequence[str], prefixes: int,
-                   seed: int, add_eos: bool = True) -> tuple[list[TrainingSequence], list[str]]:
+                   seed: int, end: TargetEnd | str = TargetEnd.EOS) -> tuple[list[TrainingSequence], list[str]]:
     """The training sequences of `requests` and the prefixes they used (recorded with the edit). `contexts` are
-    already resolved (`training_contexts`); `add_eos` ends every target with the end token."""
+    already resolved (`training_contexts`); `end` is what ends every target (`EditConfig.target_end`)."""
     check_control_tokens(tokenizer, requests)  # `<|im_end|>` in edit text must not become a control token
     pool: list[str] = []
     if prefixes:
         pool = drop_leaking_prefixes(generate_prefixes(model, tokenizer, prefix_pool_size(prefixes), seed=seed),
                                      requests)
-    return training_sequences(tokenizer, requests, contexts, pool, min(prefixes, len(pool)), seed, add_eos), pool
+    return training_sequences(tokenizer, requests, contexts, pool, min(prefixes, len(pool)), seed, end), pool

@@ -21,6 +21,7 @@ from typing import Sequence
 
 import torch
 
+from crispedit.config import TargetEnd
 from crispedit.data.records import EditRequest
 from crispedit.evaluation.text import normalize_answer
 from crispedit.formatting import EncodedPair, PromptFormat, encode_pair, encode_prompt, render_prompt, span_tokens
@@ -111,12 +112,32 @@ def with_prefix(prefix: str, prompt: str) -> str:
     return f"{prefix} {prompt}"
 
 
+def target_ending(target: str, fmt: PromptFormat, end: TargetEnd | str) -> tuple[bool, str]:
+    """(append the end token?, text to append to the target) for a target under `fmt` (`EditConfig.target_end`)."""
+    end = TargetEnd(end)
+    chat = fmt.context == "chat"
+    if end == TargetEnd.EOS:
+        return True, ""
+    if end == TargetEnd.NONE:
+        return False, ""
+    if chat:
+        return True, ""
+    if end == TargetEnd.PERIOD and not target.rstrip().endswith((".", "!", "?")):
+        return False, "."
+    return False, ""
+
+
+def _pair(tokenizer, prompt: str, target: str, fmt: PromptFormat, end: TargetEnd | str):
+    add_eos, suffix = target_ending(target, fmt, end)
+    return encode_pair(tokenizer, prompt, target, fmt, add_eos, suffix)
+
+
 def training_sequences(tokenizer, requests: Sequence[EditRequest], contexts: Sequence[str] = ("raw",),
                        prefixes: Sequence[str] = (), prefixes_per_request: int = 0,
-                       seed: int = 0, add_eos: bool = True) -> list[TrainingSequence]:
+                       seed: int = 0, end: TargetEnd | str = TargetEnd.EOS) -> list[TrainingSequence]:
     """Every request under every named context, plus `prefixes_per_request` distinct prefixes (drawn for each
-    request from `prefixes` with a seeded generator) before its raw prompt; prompt + target (+ end token with
-    `add_eos`), loss on the target only (FT-M)."""
+    request from `prefixes` with a seeded generator) before its raw prompt; prompt + target (+ its ending,
+    `target_ending`), loss on the target only (FT-M)."""
     if prefixes_per_request > len(prefixes):
         raise ValueError(f"{prefixes_per_request} prefixes per request asked for, but only {len(prefixes)} are "
                          "available")
@@ -125,12 +146,12 @@ def training_sequences(tokenizer, requests: Sequence[EditRequest], contexts: Seq
     for i, r in enumerate(requests):
         for ctx in contexts:
             fmt = PromptFormat(ctx)
-            pair = encode_pair(tokenizer, r.prompt, r.target, fmt, add_eos)
+            pair = _pair(tokenizer, r.prompt, r.target, fmt, end)
             pos = subject_token_positions(tokenizer, r.prompt, r.subject, fmt, pair.prompt_ids)
             out.append(TrainingSequence(i, ctx, pair, pos))
         for j in rng.sample(range(len(prefixes)), prefixes_per_request):
             text = with_prefix(prefixes[j], r.prompt)
-            pair = encode_pair(tokenizer, text, r.target, PromptFormat("raw"), add_eos)
+            pair = _pair(tokenizer, text, r.target, PromptFormat("raw"), end)
             pos = subject_token_positions(tokenizer, text, r.subject, PromptFormat("raw"), pair.prompt_ids,
                                           len(text) - len(r.prompt))
             out.append(TrainingSequence(i, f"prefix:{j}", pair, pos))

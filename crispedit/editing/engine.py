@@ -117,7 +117,7 @@ def edit(model: nn.Module, tokenizer, requests: Sequence[EditRequest], targets: 
     if cfg.relinearize:  # the cache's corpus is rebuilt (and checked) before any heavy work
         relin = Relinearizer(tokenizer, curvature, targets, cfg, pad_id)
     contexts = training_contexts(tokenizer, cfg.contexts)
-    seqs, prefixes = build_training(model, tokenizer, requests, contexts, cfg.prefixes, cfg.seed, cfg.target_eos)
+    seqs, prefixes = build_training(model, tokenizer, requests, contexts, cfg.prefixes, cfg.seed, cfg.target_end)
     owner = [s.request for s in seqs]
     gen = torch.Generator().manual_seed(cfg.seed)
     anchors = anchor_prompts(tokenizer, requests, contexts, cfg.anchors, cfg.seed) if cfg.anchors else []

@@ -210,7 +210,7 @@ class SequentialEditor:
         prefixes = result.delta.record.get("prefixes") or []
         contexts = result.delta.record.get("training_contexts") or list(cfg.contexts)
         train = training_sequences(tokenizer, requests, contexts, prefixes, min(cfg.prefixes, len(prefixes)), cfg.seed,
-                                   cfg.target_eos)
+                                   cfg.target_end)
         seqs = [s.pair.input_ids for s in train]
         positions = None
         if self.edit_statistics == EditStatistics.EDIT_POSITIONS:
