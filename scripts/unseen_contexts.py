@@ -63,6 +63,7 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=None, help="evaluate the first LIMIT of the trained requests only")
     p.add_argument("--formats", default=None, help="comma list of format names to run (default: all)")
     p.add_argument("--with-trained", action="store_true", help="also the trained contexts (crispedit eval has them)")
+    p.add_argument("--answers", action="store_true", help="keep the edited model's answers to the edit prompts")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     path, _, n = args.data.rpartition(":")
@@ -113,6 +114,8 @@ def main() -> None:
             # an empty answer (EOS or a newline first) is the format's manner, not the edit's: SmolLM2 answers
             # "Question: ...\nAnswer:" with EOS for most prompts before and after editing
             res[f"{who}_answered"] = sum(bool(text(a).strip()) for a in answers) / max(len(answers), 1)
+            if args.answers and who == "edited":
+                res["edited_answers"] = [tok.decode(a, skip_special_tokens=False) for a in answers]
             res[f"{who}_rephrase"] = macro(rephrases, gen([q for _, q, _ in rephrases]))
             res[f"_{who}_neighbour_answers"] = gen([q for _, q in neighbours])
         same: dict[int, list[float]] = {}  # the first generated token is the base model's (as crispedit eval)
