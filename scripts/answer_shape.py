@@ -2,7 +2,8 @@
 per run and context, over the edit prompts and their rephrases:
 
 * the mean answer length in words (after the evaluation's stop at a newline, period or end token),
-* the share of answers that loop: some three-word sequence occurs three times or more,
+* the share of answers that loop (`crispedit.evaluation.text.looping`; `crispedit eval` reports it too, as
+  `*_looping`),
 * the share whose answer contains the target but is not an exact match (the answer goes on after the new object).
 
 "Contains the target" alone cannot tell a correct short answer from a loop that repeats the target; a judge (or a
@@ -14,16 +15,11 @@ user) can. This is the check that the contains scorer's figures are answers.
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 
+from crispedit.evaluation.text import looping
+
 CONTEXTS = ("qa", "chat", "raw")
-
-
-def loops(text: str, n: int = 3, times: int = 3) -> bool:
-    words = text.split()
-    grams = collections.Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
-    return bool(grams) and max(grams.values()) >= times
 
 
 def shape(per_request: list[dict], ctx: str) -> dict:
@@ -32,7 +28,7 @@ def shape(per_request: list[dict], ctx: str) -> dict:
     n = max(len(answers), 1)
     return {"answers": len(answers),
             "mean_words": sum(len(a["generation"].split()) for a in answers) / n,
-            "looping": sum(loops(a["generation"]) for a in answers) / n,
+            "looping": sum(looping(a["generation"]) for a in answers) / n,
             "contains_not_exact": sum(bool(a["contains_match"]) and not a["exact_match"] for a in answers) / n}
 
 

@@ -17,6 +17,7 @@ from crispedit.evaluation.text import (
     contains_match,
     exact_match,
     extract_final_number,
+    looping,
     normalize_answer,
     prefix_match,
 )
@@ -87,6 +88,14 @@ def test_text_normalisation_cases():
     assert extract_final_number("no number") is None
 
 
+def test_looping_flags_a_repeated_phrase_only():
+    assert looping("unmanned aircrafting unmanned aircrafting unmanned aircrafting unmanned")
+    assert looping("Paris Paris Paris Paris Paris")
+    assert not looping("Paris")
+    assert not looping("English is the primary language of Danielle Darrieux and English is spoken")
+    assert not looping("a b c a b c", times=3) and looping("a b c a b c a b c")
+
+
 def test_teacher_forced_score_by_hand():
     s = teacher_forced_score([5, 7, 9], [5, 8, 9], [-0.1, -2.0, -0.3])
     assert s["token_acc"] == pytest.approx(2 / 3) and s["all_correct"] is False
@@ -123,6 +132,9 @@ def test_known_answers_against_a_separate_base(models, byte_bpe_tokenizer):
     assert raw["exact_match"] == pytest.approx(0.5) and raw["prefix_match"] == pytest.approx(0.5)
     assert raw["fake_judge"] == pytest.approx(0.5) and raw["contains_match"] == pytest.approx(0.5)
     assert res["protocols"]["generated"]["judge"] == "fake_judge"
+    # the looping share is the macro mean of each answer's flag, next to the scorers
+    per = [float(looping(r["reliability"]["generated"]["raw"]["generation"])) for r in res["per_request"]]
+    assert raw["looping"] == pytest.approx(sum(per) / len(per))
     assert gen["generated"]["raw"]["exact_match"] == pytest.approx(0.5)
     lg = loc["generated"]["raw"]
     assert lg["same_as_base"] == pytest.approx(0.75)

@@ -23,7 +23,7 @@ from crispedit.errors import CrispEditError
 from crispedit.evaluation.generation import DEFAULT_STOP_STRINGS, generate_greedy_ids, pad_id_of
 from crispedit.evaluation.judges import Judge
 from crispedit.evaluation.logprobs import target_predictions
-from crispedit.evaluation.text import contains_match, exact_match, prefix_match, truncate_at_stop
+from crispedit.evaluation.text import contains_match, exact_match, looping, prefix_match, truncate_at_stop
 from crispedit.formatting import CONTEXTS, PromptFormat, encode_pair, encode_prompt
 
 TF_REFERENCE_NOTE = (
@@ -250,7 +250,8 @@ def _generated(edited, base, tokenizer, items, per_item, ctx, same_model, judge,
                 rec["answer_exact_match_base"] = exact_match(bg, it.target)
         else:
             rec = {"generation": g, "exact_match": exact_match(g, it.target),
-                   "prefix_match": prefix_match(g, it.target), "contains_match": contains_match(g, it.target)}
+                   "prefix_match": prefix_match(g, it.target), "contains_match": contains_match(g, it.target),
+                   "looping": looping(g)}
             if judge is not None:
                 rec[judge.name] = float(judge.score(it.prompt, it.target, g))
         per_item[k].setdefault("generated", {})[ctx] = rec
@@ -293,7 +294,8 @@ def _aggregate(requests, items, per_item, teacher_forced, contexts, scorers) -> 
             } | {"n_requests": n_req}
         block["generated"] = {
             ctx: {s: _macro(_collect(requests, items, per_item, kind,
-                                     lambda r, s=s, ctx=ctx: r["generated"][ctx][s])) for s in scorers}
+                                     lambda r, s=s, ctx=ctx: r["generated"][ctx][s]))
+                  for s in [*scorers, "looping"]}
             | {"n_requests": n_req}
             for ctx in contexts
         }

@@ -99,6 +99,10 @@ def build_report(edit: Mapping[str, Any] | None = None, capability: Mapping[str,
                 if primary != scorer and _get(agg, kind, "generated", ctx, scorer) is not None:
                     s[f"{key}_{short}"] = _get(agg, kind, "generated", ctx, scorer)
                     p[f"{key}_{short}"] = f"generated (greedy, {ctx} context), scored by {scorer}"
+            if _get(agg, kind, "generated", ctx, "looping") is not None:
+                s[f"{key}_looping"] = _get(agg, kind, "generated", ctx, "looping")
+                p[f"{key}_looping"] = (f"generated ({ctx} context): share of answers in which a three-word sequence "
+                                       "occurs three times or more (a loop; contains/prefix would count it)")
         s[f"locality_gen_{ctx}_first_token"] = _get(agg, "locality", "generated", ctx, "first_token_same")
         p[f"locality_gen_{ctx}_first_token"] = (f"generated ({ctx} context): the edited model's first generated "
                                                 "token equals the base model's")

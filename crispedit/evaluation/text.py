@@ -49,6 +49,19 @@ def contains_match(generation: str, target: str) -> bool:
     return f" {tgt} " in f" {gen} "
 
 
+def looping(generation: str, n: int = 3, times: int = 3) -> bool:
+    """Some `n`-word sequence occurs `times` times or more: a degenerate answer. Contains and prefix scorers count
+    "Paris Paris Paris ..." as a hit; this flag lets a report say how many of its hits are loops."""
+    words = generation.split()
+    counts: dict[tuple[str, ...], int] = {}
+    for i in range(len(words) - n + 1):
+        gram = tuple(words[i:i + n])
+        counts[gram] = counts.get(gram, 0) + 1
+        if counts[gram] >= times:
+            return True
+    return False
+
+
 def truncate_at_stop(text: str, stop_strings: Sequence[str]) -> str:
     """Cut `text` before the first stop string, ignoring leading whitespace.
 
