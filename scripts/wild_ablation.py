@@ -214,6 +214,12 @@ def main() -> None:
                 if cfg.max_kl is not None:
                     budget = apply_kl_budget(model, tok, delta, cfg, full)
             t_edit = time.perf_counter() - t0
+            if delta is not None and args.save_deltas:  # before the evaluation: a long run's edit survives its loss
+                delta.save(Path(args.save_deltas) / f"{run['name']}-{dname}", overwrite=True)
+            if res is not None:
+                cert = {k: budget[k] for k in ("max_kl", "scale", "kl_nats_per_token", "kl_unscaled")} if budget else None
+                print(f"{run['name']} {dname}: edited in {t_edit:.0f} s, {res.steps} steps, final loss "
+                      f"{res.epoch_losses[-1] if res.epoch_losses else float('nan'):.4f}, KL budget {cert}", flush=True)
             t1 = time.perf_counter()
             edited_is_base = method == "none"
             em = evaluate_edits(model, tok, requests, base_model=None if edited_is_base else base,
@@ -225,8 +231,6 @@ def main() -> None:
             bench = {b: run_mc_benchmark(b, model, tok, args.benchmark_limit, 0, None, 16) for b in benches}
             rep = build_report(edit=em, capability=cap.to_json(), benchmarks=bench, config=run)
             if delta is not None:
-                if args.save_deltas:
-                    delta.save(Path(args.save_deltas) / f"{run['name']}-{dname}", overwrite=True)
                 delta.revert(model)
             record = {"run": run, "data": dname, "n": len(requests), "targets": targets, "summary": rep.summary,
                       "steps": res.steps if res else 0, "stopped": res.stopped if res else None,
