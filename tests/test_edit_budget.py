@@ -117,3 +117,15 @@ def test_scale_search_needs_one_guess_for_a_quadratic_kl_and_halves_the_bracket_
 
     never, _ = counted(lambda a: 1.0 + a)
     assert search_scale(never, 2.0, 0.1, max_evaluations=4) == (0.0, 0.0)
+
+
+def test_a_large_batch_without_a_budget_is_warned_about_once_before_the_edit():
+    from crispedit.editing.config import EditConfig
+    from crispedit.editing.run import LARGE_BATCH, scale_warning
+
+    note = scale_warning(LARGE_BATCH, EditConfig())
+    assert note is not None and "\n" not in note and "--max-kl" in note and f"{LARGE_BATCH} requests" in note
+    # a small batch, a budget already given, or the sequential editor (chunks of 100 by default): no warning
+    assert scale_warning(LARGE_BATCH - 1, EditConfig()) is None
+    assert scale_warning(1000, EditConfig(max_kl=0.1)) is None
+    assert scale_warning(1000, EditConfig(), sequential=True) is None
