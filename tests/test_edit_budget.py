@@ -119,7 +119,7 @@ def test_scale_search_needs_one_guess_for_a_quadratic_kl_and_halves_the_bracket_
     assert search_scale(never, 2.0, 0.1, max_evaluations=4) == (0.0, 0.0)
 
 
-def test_a_large_batch_without_a_budget_is_warned_about_once_before_the_edit():
+def test_a_large_batch_without_a_budget_gets_a_one_line_warning():
     from crispedit.editing.config import EditConfig
     from crispedit.editing.run import LARGE_BATCH, scale_warning
 
