@@ -2,7 +2,8 @@
 #   make demo   set up .venv (first time only) and run the demo on the embedded defaults
 #   make test   set up .venv (first time only) and run the whole test suite, slow tests included
 # Setup is idempotent: a stamp file inside .venv records that it finished (it is redone when
-# pyproject.toml changes). `make setup` does only the setup.
+# pyproject.toml or constraints.txt changes). Versions come from constraints.txt, the set the tests last
+# passed with. `make setup` does only the setup.
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -25,15 +26,15 @@ test: $(STAMP)
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@if $(BIN)/python -c "import torch" 2>/dev/null; then \
 		echo "torch: $$($(BIN)/python -c 'import torch; print(torch.__version__)') already installed"; \
 	else \
-		$(BIN)/python -m pip install $(TORCH); \
+		$(BIN)/python -m pip install -c constraints.txt $(TORCH); \
 	fi
-	$(BIN)/python -m pip install -e '.[dev]'
-	$(BIN)/python -m pip install --no-deps $(NO_DEPS)
+	$(BIN)/python -m pip install -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install -c constraints.txt --no-deps $(NO_DEPS)
 	@if [ -f scripts/install_study_data.sh ]; then \
 		PYTHON="$(abspath $(BIN)/python)" bash scripts/install_study_data.sh; \
 	fi
