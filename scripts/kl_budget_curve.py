@@ -6,7 +6,7 @@
     python scripts/kl_budget_curve.py --replot runs/kl_budget.jsonl --png docs/results/kl_budget.png
 
 `--delta DIR` backs off a saved delta (e.g. one written by `wild_ablation.py --save-deltas`) instead of editing;
-`--no-full` skips the evaluation of the unscaled edit (ε = none).
+`--no-full` skips the evaluation of the unscaled edit (ε = none); `--eval-sample K` judges K evenly spaced requests.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ def main() -> None:
     ap.add_argument("--png", default=None)
     ap.add_argument("--delta", default=None, help="a saved delta folder to back off (no edit is run)")
     ap.add_argument("--no-full", action="store_true", help="do not evaluate the unscaled edit")
+    ap.add_argument("--eval-sample", type=int, default=None, metavar="K",
+                    help="judge K evenly spaced edited requests instead of all of them (long batches)")
     ap.add_argument("--replot", default=None, metavar="JSONL", help="only draw --png from the rows of an earlier run")
     a = ap.parse_args()
     if a.replot:
@@ -43,9 +45,11 @@ def main() -> None:
 
     if not (a.cache and a.data and a.out):
         ap.error("--cache, --data and --out are required (unless --replot)")
+    if a.eval_sample is not None and a.eval_sample < 1:
+        raise SystemExit(f"--eval-sample: must be at least 1, got {a.eval_sample}")
     from crispedit.curvature.api import Curvature
     from crispedit.data.corpus import build_corpus
-    from crispedit.data.readers import load_requests
+    from crispedit.data.readers import evenly_spaced, load_requests
     from crispedit.editing.budget import enforce_kl_budget
     from crispedit.editing.config import EditConfig
     from crispedit.editing.delta import EditDelta
@@ -82,13 +86,14 @@ def main() -> None:
     record = dict(saved.record)
     base_w = {n_: target_weight(model, n_).detach().clone() for n_ in targets}
     memo: dict = {}
+    judged = evenly_spaced(requests, a.eval_sample)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     for eps in ([] if a.no_full else [None]) + [float(x) for x in a.eps.split(",")]:
         delta = EditDelta.from_base(model, base_w, full, dict(record))  # the model now holds the full edit
         cert = None if eps is None else enforce_kl_budget(model, delta, budget_seqs, eps, pad_id=pad_id_of(tok))
-        em = evaluate_edits(model, tok, requests, base_model=base, teacher_forced=False,
+        em = evaluate_edits(model, tok, judged, base_model=base, teacher_forced=False,
                             generated_contexts=("qa", "chat", "raw"), generation_batch_size=a.gen_batch,
                             base_memo=memo)
         cap = capability_metrics(base, model, report_seqs, 8, False, pad_id_of(tok))
@@ -97,7 +102,7 @@ def main() -> None:
                "kl_certified": cert["kl_nats_per_token"] if cert else None,
                "evaluations": [{"scale": e["scale"], "kl": e["kl_nats_per_token"]} for e in cert["evaluations"]]
                if cert else None, "summary": s, "data": name,
-               "n": len(requests), "edit_seconds": t_edit, "recipe": run, "delta": a.delta}
+               "n": len(requests), "n_judged": len(judged), "edit_seconds": t_edit, "recipe": run, "delta": a.delta}
         rows.append(row)
         with out.open("a") as f:
             f.write(json.dumps(row) + "\n")

@@ -141,7 +141,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from crispedit.curvature.api import Curvature
     from crispedit.data.corpus import build_corpus
-    from crispedit.data.readers import load_requests
+    from crispedit.data.readers import evenly_spaced, load_requests
     from crispedit.editing.config import EditConfig
     from crispedit.editing.engine import edit
     from crispedit.editing.run import apply_kl_budget
@@ -259,14 +259,6 @@ def main() -> None:
                 record["per_request"] = em["per_request"]
             results.add(record)
             print_row(run, dname, rep.summary, res.steps if res else 0, t_edit, t_eval)
-
-
-def evenly_spaced(requests: list, k: int | None) -> list:
-    """`k` requests spread evenly over the list (all of them if k is None or not smaller): every part of a long
-    batch (its first and last facts alike) is judged, deterministically."""
-    if k is None or k >= len(requests):
-        return requests
-    return [requests[(i * len(requests)) // k] for i in range(k)]
 
 
 def print_row(run: dict, dname: str, s: dict, steps, t_edit: float, t_eval: float) -> None:

@@ -1,7 +1,12 @@
-"""The results script's judged subsample (`--eval-sample`): deterministic, spread over the whole batch."""
+"""The results scripts' judged subsample (`--eval-sample`, `crispedit.data.readers.evenly_spaced`): deterministic,
+spread over the whole batch."""
 
 import importlib.util
+import subprocess
+import sys
 from pathlib import Path
+
+from crispedit.data.readers import evenly_spaced
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "wild_ablation.py"
 
@@ -14,7 +19,7 @@ def _script():
 
 
 def test_evenly_spaced_covers_the_batch_from_first_to_last_part():
-    pick = _script().evenly_spaced
+    pick = evenly_spaced
     reqs = list(range(500))
     got = pick(reqs, 100)
     assert len(got) == 100 and len(set(got)) == 100
@@ -24,9 +29,21 @@ def test_evenly_spaced_covers_the_batch_from_first_to_last_part():
 
 
 def test_evenly_spaced_keeps_everything_when_not_asked_or_not_smaller():
-    pick = _script().evenly_spaced
+    pick = evenly_spaced
     reqs = list(range(7))
     assert pick(reqs, None) == reqs
     assert pick(reqs, 7) == reqs
     assert pick(reqs, 50) == reqs
     assert sorted(set(pick(reqs, 3))) == pick(reqs, 3) and len(pick(reqs, 3)) == 3
+
+
+def test_scripts_refuse_an_empty_sample_before_loading_anything(tmp_path):
+    """`--eval-sample 0` is a one-line error at once (no model, cache or data is read: the paths do not exist)."""
+    common = ["--cache", str(tmp_path / "no-cache"), "--out", str(tmp_path / "out.jsonl"), "--eval-sample", "0"]
+    for name, extra in (("wild_ablation.py", ["--runs", str(tmp_path / "no-runs.json"), "--data", "cf=nowhere:5"]),
+                        ("kl_budget_curve.py", ["--data", "cf=nowhere:5"])):
+        res = subprocess.run([sys.executable, str(SCRIPT.parent / name), *common, *extra],
+                             capture_output=True, text=True, timeout=120)
+        assert res.returncode != 0, name
+        assert "--eval-sample: must be at least 1, got 0" in res.stderr, (name, res.stderr[-500:])
+        assert "Traceback" not in res.stderr, name

@@ -437,3 +437,11 @@ def check_requests_fit(tokenizer, requests: Sequence[EditRequest], limit: int | 
             cid = f" (case_id {req.case_id})" if req.case_id is not None else ""
             raise CrispEditError(f"edit request {i}{cid}: prompt and target are {n:,} tokens, longer than the "
                                  f"model's context of {limit:,} positions; shorten it or drop it")
+
+
+def evenly_spaced(items: Sequence[Any], k: int | None) -> list[Any]:
+    """`k` items spread evenly over the sequence (all of them if k is None or not smaller): judging a sample of a
+    long batch this way covers every part of it (its first and last facts alike), deterministically."""
+    if k is None or k >= len(items):
+        return list(items)
+    return [items[(i * len(items)) // k] for i in range(k)]
