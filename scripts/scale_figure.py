@@ -8,7 +8,8 @@
 
 Each --series is a label followed by FILE:RUN entries (rows of `scripts/wild_ablation.py` / `ablation_table.py
 --json`; only CounterFact rows are read). Left: held-out KL(base‖edited) per token, log scale, against the number
-of edits; right: generated reliability in the QA context and rephrase generalisation (QA, contains). Each point is
+of edits, each segment labelled with its local exponent (KL ∝ n^p between the two runs); right: generated
+reliability in the QA context and rephrase generalisation (QA, contains). Each point is
 one run, one seed.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 
@@ -25,6 +27,8 @@ def parse_args():
                    help="a label, then the rows of that recipe as FILE:RUN")
     p.add_argument("--data", default="cf", help="which data set's rows to read (default cf)")
     p.add_argument("--png", required=True)
+    p.add_argument("--title", default="SmolLM2-135M-Instruct, CrispEdit, layers 4-6 down-projections, 200-chunk "
+                   "curvature; one seed per point")
     return p.parse_args()
 
 
@@ -37,6 +41,11 @@ def row(spec: str, data: str) -> dict:
     if not hits:
         raise SystemExit(f"{path}: no row with run name {name!r} on data {data!r}")
     return hits[-1]
+
+
+def local_exponent(n0: float, k0: float, n1: float, k1: float) -> float:
+    """p in KL ∝ n^p through two runs (n0, k0) and (n1, k1): the slope of the segment on log-log axes."""
+    return math.log(k1 / k0) / math.log(n1 / n0)
 
 
 def main() -> None:
@@ -54,6 +63,11 @@ def main() -> None:
         ax_rel.plot(n, [s["reliability_gen_qa"] for _, s in pts], "o-", color=color, label=f"{label}: rel QA")
         ax_rel.plot(n, [s["generalization_gen_qa_contains"] for _, s in pts], "s--", color=color,
                     label=f"{label}: rephrase QA ∋")
+        for (n0, s0), (n1, s1) in zip(pts, pts[1:]):
+            p = local_exponent(n0, s0["kl_nats_per_token"], n1, s1["kl_nats_per_token"])
+            mid = (math.sqrt(n0 * n1), math.sqrt(s0["kl_nats_per_token"] * s1["kl_nats_per_token"]))
+            ax_kl.annotate(f"∝ n^{p:.1f}", mid, textcoords="offset points", fontsize=7, color=color,
+                           xytext=(-44, 4) if i % 2 == 0 else (6, -12))  # the two series' labels on opposite sides
         for x, s in pts:
             ax_kl.annotate(f"{s['perplexity_increase_pct']:+.0f} %", (x, s["kl_nats_per_token"]),
                            textcoords="offset points", xytext=(4, -10), fontsize=7, color=color)
@@ -64,8 +78,7 @@ def main() -> None:
     for ax in (ax_kl, ax_rel):
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
-    fig.suptitle("SmolLM2-135M-Instruct, CrispEdit, layers 4-6 down-projections, 200-chunk curvature; one seed per point",
-                 fontsize=9)
+    fig.suptitle(args.title, fontsize=9)
     fig.tight_layout()
     Path(args.png).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.png, dpi=120)
