@@ -57,9 +57,13 @@ def main() -> None:
                ylabel="proportion: rel QA (●), rephrase QA ∋ (○)",
                title=f"{n:,} edits at once (judged: {', '.join(map(str, judged))})")
         ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
-        ax.xaxis.set_minor_formatter(ticker.FormatStrFormatter("%g"))
-        ax.tick_params(axis="x", which="minor", labelsize=6)
         ax.margins(x=0.2)  # room for the labels of the rightmost points
+        lo, hi = ax.get_xlim()
+        if hi / lo < 10:  # under a decade the major ticks alone leave the axis unlabelled
+            ax.xaxis.set_minor_formatter(ticker.FormatStrFormatter("%g"))
+            ax.tick_params(axis="x", which="minor", labelsize=6)
+        else:
+            ax.xaxis.set_minor_formatter(ticker.NullFormatter())
         ax.grid(alpha=0.3, which="both")
     fig.suptitle(args.title, fontsize=9)
     fig.tight_layout()
