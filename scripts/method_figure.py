@@ -15,9 +15,8 @@ coloured the same in every panel. One seed per point.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from scale_figure import row  # the same row reader as the scale figure (scripts/ is on sys.path when run)
+from scale_figure import row, save_figure  # the scale figure's row reader and ending (scripts/ is on sys.path when run)
 
 
 def parse_args():
@@ -65,11 +64,7 @@ def main() -> None:
         else:
             ax.xaxis.set_minor_formatter(ticker.NullFormatter())
         ax.grid(alpha=0.3, which="both")
-    fig.suptitle(args.title, fontsize=9)
-    fig.tight_layout()
-    Path(args.png).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.png, dpi=120)
-    print(f"wrote {args.png}")
+    save_figure(fig, args.title, args.png)
 
 
 if __name__ == "__main__":

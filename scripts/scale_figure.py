@@ -48,6 +48,15 @@ def local_exponent(n0: float, k0: float, n1: float, k1: float) -> float:
     return math.log(k1 / k0) / math.log(n1 / n0)
 
 
+def save_figure(fig, title: str, png: str) -> None:
+    """The results figures' common ending: the title, a tight layout, the PNG (its folder made) and one line."""
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    Path(png).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=120)
+    print(f"wrote {png}")
+
+
 def main() -> None:
     args = parse_args()
     import matplotlib
@@ -78,11 +87,7 @@ def main() -> None:
     for ax in (ax_kl, ax_rel):
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
-    fig.suptitle(args.title, fontsize=9)
-    fig.tight_layout()
-    Path(args.png).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.png, dpi=120)
-    print(f"wrote {args.png}")
+    save_figure(fig, args.title, args.png)
 
 
 if __name__ == "__main__":
