@@ -85,11 +85,12 @@ def test_edit_eval_compare_end_to_end(world, cli, tmp_path):
         assert torch.equal(p, q), n
 
     code, _, err = cli("edit", "--model", world["model"], "--edits", world["edits"], "--method", "ft", "--layers",
-                       DOWN[1], *FAST, "--no-save-model", "--out", ft)
+                       DOWN[1], *FAST, "--edit-positions", "subject-last", "--no-save-model", "--out", ft)
     assert code == 0, err
     assert listing(ft) == ["delta", "run.json"] and json.loads((ft / "run.json").read_text())["targets"] == [DOWN[1]]
-    # FT keyed on the subject (the default positions) is told, in one line, that nothing checks its other tokens
-    assert "crispedit: method ft with --edit-positions subject-last" in err and "pass --edit-positions all" in err
+    # FT keyed on the subject (not its default, `auto`: every token) is told, in one line, that nothing checks its
+    # other tokens
+    assert "crispedit: method ft with --edit-positions subject-last" in err and "pass --edit-positions auto" in err
 
     reports = []
     for name, model in (("crisp", crisp), ("base", world["model"])):

@@ -133,15 +133,17 @@ def test_a_large_batch_without_a_budget_gets_a_one_line_warning():
 
 def test_an_unconstrained_method_keyed_on_the_subject_gets_a_one_line_warning():
     """FT, LoRA and LocBF-FT trained at the subject's last token act unchecked at every other token afterwards
-    (LoRA at 100 CounterFact edits: KL 8-10 nats/token); the projected methods and `--edit-positions all` are
-    not warned about."""
+    (LoRA at 100 CounterFact edits: KL 8-10 nats/token); the projected methods, `--edit-positions all` and the
+    default `auto` (every token for these methods) are not warned about."""
     from crispedit.editing.config import EditConfig
     from crispedit.editing.run import positions_warning
 
     for method in ("ft", "lora", "locbf-ft"):
-        note = positions_warning(EditConfig(method=method))
-        assert note is not None and "\n" not in note and "--edit-positions all" in note and method in note
+        note = positions_warning(EditConfig(method=method, edit_positions="subject-last"))
+        assert note is not None and "\n" not in note and "--edit-positions auto or all" in note and method in note
         assert positions_warning(EditConfig(method=method, edit_positions="subject")) is not None
         assert positions_warning(EditConfig(method=method, edit_positions="all")) is None
+        assert positions_warning(EditConfig(method=method)) is None  # auto: every token for these methods
     for method in ("crispedit", "adam-nscl"):
         assert positions_warning(EditConfig(method=method)) is None
+        assert positions_warning(EditConfig(method=method, edit_positions="subject-last")) is None

@@ -286,7 +286,7 @@ def test_subject_positions_train_the_change_only_through_the_subject(setup, capl
     cfg = EditConfig(method="ft", lr=2e-2, epochs=20, batch_size=4, contexts=("raw",), prefixes=0,
                      edit_positions="subject")
     res = edit(model, tok, reqs, TARGETS, cfg, curvature=None, progress=False)
-    assert res.delta.record["edit_positions"] == {"sequences_with_subject": 4, "sequences": 4}
+    assert res.delta.record["edit_positions"] == {"where": "subject", "sequences_with_subject": 4, "sequences": 4}
     assert torch.count_nonzero(res.delta.deltas[TARGETS[1]]) == 0
     assert res.delta.deltas[TARGETS[0]].norm() > 0 and res.epoch_losses[-1] < 0.75 * res.epoch_losses[0]
     res.delta.revert(model)
@@ -297,6 +297,24 @@ def test_subject_positions_train_the_change_only_through_the_subject(setup, capl
     assert "not found in 1 of 4" in caplog.text
     assert res.delta.deltas[TARGETS[1]].norm() > 0
     res.delta.revert(model)
+
+    # `auto` (the default) resolves by method: FT, which no projection checks at the other tokens, trains everywhere
+    res = edit(model, tok, reqs, TARGETS, dataclasses.replace(cfg, epochs=2, edit_positions="auto"), curvature=None,
+               progress=False)
+    assert res.delta.record["edit_positions"] == {"where": "all"} and res.delta.deltas[TARGETS[1]].norm() > 0
+    res.delta.revert(model)
+
+
+def test_auto_edit_positions_follow_the_method():
+    """`auto` keys a projecting method's change on the subject's last token and trains an unconstrained one at
+    every token; an explicit choice is kept for every method."""
+    for method in ("crispedit", "adam-nscl"):
+        assert EditConfig(method=method).positions == "subject-last"
+    for method in ("ft", "lora", "locbf-ft"):
+        assert EditConfig(method=method).positions == "all"
+    for method in ("crispedit", "adam-nscl", "ft", "lora", "locbf-ft"):
+        for where in ("all", "subject", "subject-last"):
+            assert EditConfig(method=method, edit_positions=where).positions == where
 
 
 def test_sequential_separate_thresholds_keep_capability_and_edits_apart(setup, tmp_path):
