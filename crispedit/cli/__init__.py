@@ -80,11 +80,20 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
         print(f"{PROG}: warning: {message}", file=sys.stderr, flush=True)
 
 
+class _LogFormat(logging.Formatter):
+    """`crispedit: MSG` for INFO and DEBUG lines, `crispedit: warning: MSG` (`error:`, ...) from WARNING up: a log
+    warning reads like a `warnings.warn` one, so a user (or a grep) sees one kind of warning line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        tag = f"{record.levelname.lower()}: " if record.levelno >= logging.WARNING else ""
+        return f"{PROG}: {tag}{record.getMessage()}"
+
+
 def _configure_logging(verbose: bool, debug: bool) -> tuple[logging.Handler, int]:
     """The library logs under `crispedit`; the CLI shows warnings, or INFO with -v (DEBUG with --debug), on
     rank 0 only. Returns the handler and the level before, to undo it."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(f"{PROG}: %(message)s"))
+    handler.setFormatter(_LogFormat())
     if not is_main_process():
         handler.addFilter(lambda record: False)
     log = logging.getLogger("crispedit")
