@@ -337,7 +337,7 @@ def test_short_subject_edit_gives_the_same_delta_with_and_without_cached_positio
         model = LlamaForCausalLM(cfg).double().eval()
         # one batch per epoch: the batches do not depend on how long each sequence runs
         ec = EditConfig(method="ft", lr=1e-2, epochs=3, batch_size=8, contexts=("raw",), prefixes=0,
-                        cache_positions=cached)
+                        edit_positions="subject-last", cache_positions=cached)
         res = edit(model, tok, reqs, targets, ec, progress=False)
         deltas.append(res.delta.deltas)
         frozen.append(res.delta.record["forward"]["frozen_positions_cached"])
