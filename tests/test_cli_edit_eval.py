@@ -76,7 +76,8 @@ def test_edit_eval_compare_end_to_end(world, cli, tmp_path):
     run = json.loads((crisp / "run.json").read_text())
     assert run["config"]["method"] == "crispedit" and run["config"]["gamma"] == 0.5 and run["targets"] == DOWN
     assert run["config"]["epochs"] == 3 and run["config"]["lr"] == 5e-3  # the EditConfig default
-    assert "½ΔᵀGΔ (K-FAC)" in out and "3 edits" in out
+    assert run["config"]["edit_positions"] == "auto" and run["edit_positions"] == "subject-last"
+    assert "½ΔᵀGΔ (K-FAC)" in out and "3 edits" in out and "change trained at subject-last positions" in out
     # The delta reverts the saved edited model to the base bit for bit.
     edited, _ = load_model(str(crisp / "model"))
     EditDelta.load(crisp / "delta").revert(edited)

@@ -288,6 +288,7 @@ def run_edit(model, tokenizer, job: EditJob, out: str | Path, overwrite: bool = 
         "model": getattr(model, "crispedit_display_name", None) or getattr(model.config, "_name_or_path", None),
         "targets": targets,
         "config": job.cfg.to_json(),
+        "edit_positions": job.cfg.positions,  # the config's `auto` resolved for this method
         "sequential": job.sequential,
         "chunk_size": job.chunk_size if job.sequential else None,
         "chunks": chunks_log,
