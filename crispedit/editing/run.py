@@ -170,9 +170,6 @@ def scale_warning(n_requests: int, cfg: EditConfig, sequential: bool = False) ->
             "--max-kl EPS backs the edit off until KL(base||edited) <= EPS and certifies it")
 
 
-UNCONSTRAINED = frozenset({"ft", "lora", "locbf-ft"})  # gradient methods without a projection
-
-
 def positions_warning(cfg: EditConfig) -> str | None:
     """A one-line warning for an unconstrained method trained with the change keyed on the subject, or None.
 
@@ -182,7 +179,7 @@ def positions_warning(cfg: EditConfig) -> str | None:
     positions: LoRA at 100 CounterFact edits reached KL 8-10 nats/token this way against 1.8 with
     `--edit-positions all`, and FT 0.37 against 0.22 (README, "Every method in the wild"). `auto` gives these
     methods `all`, so the warning is for an explicit choice."""
-    if str(cfg.method) not in UNCONSTRAINED or cfg.positions == "all":
+    if cfg.projection is not None or cfg.positions == "all":
         return None
     return (f"method {cfg.method} with --edit-positions {cfg.positions}: without a projection the change, trained "
             "at the subject only, acts unchecked at every other token (LoRA, 100 CounterFact edits: KL 8-10 "
