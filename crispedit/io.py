@@ -461,3 +461,18 @@ def jsonl_records(text: str, name: str) -> Iterator[tuple[int, Any]]:
             yield lineno, json.loads(line)
         except json.JSONDecodeError as e:
             raise CrispEditError(f"{name}: line {lineno}: invalid JSON at column {e.colno}: {e.msg}") from e
+
+
+def read_format_record(rec: Path, fmt: str) -> dict[str, Any]:
+    """The JSON object in `rec` (a delta's, a cache's, a state's or a hypernetwork's record) whose field 'format'
+    is `fmt`. One reader for every folder crispedit writes, so a damaged or foreign record gets the same one-line
+    error naming the file and the field wherever it is loaded. The caller checks that `rec` exists (each kind of
+    folder says in its own words what is missing) and what the version means for it."""
+    try:
+        record = json.loads(rec.read_text())
+    except ValueError as e:
+        raise CrispEditError(f"{rec}: invalid JSON ({e})") from None
+    got = record.get("format") if isinstance(record, dict) else None
+    if got != fmt:
+        raise CrispEditError(f"{rec}: field 'format' is {got!r}, expected {fmt!r}")
+    return record

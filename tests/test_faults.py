@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import resource
 import signal
 import stat
@@ -604,6 +605,30 @@ def test_damaged_or_edited_deltas_are_refused(world, cli, tmp_path):
     with pytest.raises(CrispEditError, match=r"targets\[0\] names 'model.layers.0.mlp.down_proj', but "
                                              r"delta.safetensors has no tensor"):
         EditDelta.load(renamed)
+
+
+def test_damaged_records_of_every_folder_kind_name_the_file_and_field(world, cli, tmp_path):
+    """Deltas and curvature caches share one record reader: a record that is not JSON, not an object, or of
+    another kind is one line naming the record file (and the field), never a traceback."""
+    import shutil
+
+    from crispedit.curvature.api import Curvature
+    from crispedit.editing.delta import EditDelta
+    from crispedit.io import read_format_record
+
+    out = tmp_path / "out"
+    assert cli(*ft_edit_args(world, out, "--no-save-model"))[0] == 0
+    folders = {"delta.json": (out / "delta", EditDelta.load), "curvature.json": (world["cache"], Curvature.load)}
+    for name, (good, load) in folders.items():
+        for i, (text, message) in enumerate([('{"format": ', "invalid JSON"),
+                                             ("[1, 2]", "field 'format' is None"),
+                                             ('{"format": "crispedit-report"}', "field 'format' is 'crispedit-report'")]):
+            bad = shutil.copytree(good, tmp_path / f"{name}-{i}")
+            (bad / name).write_text(text)
+            with pytest.raises(CrispEditError, match=re.escape(message)) as e:
+                load(bad)
+            assert str(bad / name) in str(e.value) and "\n" not in str(e.value)
+    assert read_format_record(out / "delta" / "delta.json", "crispedit-delta")["format"] == "crispedit-delta"
 
 
 def test_a_write_failure_is_one_line_naming_the_file(world, tmp_path):

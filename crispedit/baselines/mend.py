@@ -37,7 +37,7 @@ from crispedit.data.records import EditRequest, check_requests
 from crispedit.editing.delta import EditDelta
 from crispedit.errors import CrispEditError
 from crispedit.formatting import PromptFormat, collate, encode_pair
-from crispedit.io import atomic_dir
+from crispedit.io import atomic_dir, read_format_record
 from crispedit.models.runtime import pad_id_of
 from crispedit.models.targets import has_layer
 
@@ -220,12 +220,7 @@ def read_hypernet_record(path: str | Path) -> dict[str, Any]:
     if not rec.is_file():
         raise CrispEditError(f"{path} is not a MEND hypernetwork folder (no {RECORD}); train one with "
                              "crispedit.baselines.mend_train")
-    try:
-        record = json.loads(rec.read_text())
-    except json.JSONDecodeError as e:
-        raise CrispEditError(f"{rec}: invalid JSON ({e})") from None
-    if record.get("format") != FORMAT:
-        raise CrispEditError(f"{rec}: field 'format' is {record.get('format')!r}, expected {FORMAT!r}")
+    record = read_format_record(rec, FORMAT)
     if record.get("format_version") != FORMAT_VERSION:
         raise CrispEditError(f"{rec}: field 'format_version' is {record.get('format_version')!r}, this crispedit "
                              f"reads {FORMAT_VERSION}")

@@ -30,7 +30,7 @@ from crispedit import __version__
 from crispedit.curvature.eigen import LayerEigen
 from crispedit.curvature.stats import KFACStats, LayerStats
 from crispedit.errors import CacheIntegrityError, CacheMismatchError, CrispEditError  # noqa: F401 - re-exported
-from crispedit.io import atomic_dir, recover_dir, sha256_file, sha256_json
+from crispedit.io import atomic_dir, read_format_record, recover_dir, sha256_file, sha256_json
 
 FORMAT = "crispedit-curvature"
 # 2: labels sampled per sequence, low-rank sink factor, whole-model fingerprint, integrity record.
@@ -104,12 +104,7 @@ def read_record(path: str | Path) -> dict[str, Any]:
         raise CrispEditError(f"curvature cache {path} does not exist")
     if not rec.is_file():
         raise CrispEditError(f"{path} is not a crispedit curvature cache (no {RECORD})")
-    try:
-        record = json.loads(rec.read_text())
-    except json.JSONDecodeError as e:
-        raise CrispEditError(f"{rec}: invalid JSON ({e})") from None
-    if record.get("format") != FORMAT:
-        raise CrispEditError(f"{rec}: field 'format' is {record.get('format')!r}, expected {FORMAT!r}")
+    record = read_format_record(rec, FORMAT)
     if record.get("format_version") != FORMAT_VERSION:
         raise CrispEditError(f"{rec}: cache format version {record.get('format_version')} is not supported "
                              f"(this crispedit reads version {FORMAT_VERSION}); recompute the cache")

@@ -23,7 +23,7 @@ from torch import nn
 
 from crispedit import __version__
 from crispedit.errors import CrispEditError
-from crispedit.io import atomic_dir, recover_dir, sha256_file, sha256_json
+from crispedit.io import atomic_dir, read_format_record, recover_dir, sha256_file, sha256_json
 from crispedit.models.targets import has_layer, target_weight
 
 DELTA_FORMAT = "crispedit-delta"
@@ -128,13 +128,7 @@ class EditDelta:
         rec = path / RECORD
         if not rec.is_file():
             raise CrispEditError(f"{path} is not a crispedit delta (no {RECORD})")
-        try:
-            record = json.loads(rec.read_text())
-        except ValueError as e:
-            raise CrispEditError(f"{rec}: invalid JSON ({e})") from None
-        if not isinstance(record, dict) or record.get("format") != DELTA_FORMAT:
-            got = record.get("format") if isinstance(record, dict) else None
-            raise CrispEditError(f"{rec}: field 'format' is {got!r}, expected {DELTA_FORMAT!r}")
+        record = read_format_record(rec, DELTA_FORMAT)
         tensor_file = path / TENSORS
         if not tensor_file.is_file():
             raise CrispEditError(f"{tensor_file}: missing")

@@ -37,7 +37,7 @@ from crispedit.editing.config import EditConfig
 from crispedit.editing.delta import EditDelta
 from crispedit.editing.engine import EditResult, edit, training_positions
 from crispedit.errors import CrispEditError
-from crispedit.io import atomic_dir, recover_dir, sha256_json
+from crispedit.io import atomic_dir, read_format_record, recover_dir, sha256_json
 from crispedit.models.runtime import pad_id_of
 from crispedit.models.targets import target_weight
 
@@ -164,12 +164,7 @@ class SequentialEditor:
         if not sj.is_file():
             what = "does not exist" if not path.exists() else "is not a sequential editing state (no state.json)"
             raise CrispEditError(f"{path} {what}; start a new state without --resume")
-        try:
-            state = json.loads(sj.read_text())
-        except ValueError as e:
-            raise CrispEditError(f"{sj}: invalid JSON ({e})") from None
-        if state.get("format") != STATE_FORMAT:
-            raise CrispEditError(f"{sj}: field 'format' is {state.get('format')!r}, expected {STATE_FORMAT!r}")
+        state = read_format_record(sj, STATE_FORMAT)
         if state.get("format_version") != STATE_VERSION or not isinstance(state.get("done_requests"), list):
             raise CrispEditError(f"{sj}: written by an older crispedit (format version {state.get('format_version')}) "
                                  "that did not record which requests are done; start a new state")
