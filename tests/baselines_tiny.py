@@ -50,3 +50,26 @@ def weights(model, targets=TARGETS):
     from crispedit.models.targets import weight_matrix
 
     return {n: weight_matrix(model.get_submodule(n)).detach().clone() for n in targets}
+
+
+def captured_inputs_and_output_grads(model, loss_of_logits, input_ids, attention_mask, targets=TARGETS):
+    """The oracle of the key/gradient captures: every position's input to each target and the loss's gradient
+    with respect to its output, taken independently of the code under test (retain_grad on the outputs; no hook
+    returns a modified output). `loss_of_logits` maps the logits to the scalar loss to differentiate."""
+    ins, outs = {}, {}
+
+    def hook(name):
+        def fn(_m, inp, out):
+            ins[name] = inp[0].detach()
+            out.retain_grad()
+            outs[name] = out
+        return fn
+
+    hs = [model.get_submodule(n).register_forward_hook(hook(n)) for n in targets]
+    try:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    finally:
+        for h in hs:
+            h.remove()
+    loss_of_logits(logits).backward()
+    return ins, {n: o.grad for n, o in outs.items()}

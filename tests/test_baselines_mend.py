@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 import torch
-from baselines_tiny import REQUESTS, TARGETS, tiny_model, weights
+from baselines_tiny import REQUESTS, TARGETS, captured_inputs_and_output_grads, tiny_model, weights
 
 from crispedit.baselines import MendConfig, run_baseline, validate
 from crispedit.baselines.mend import GradientTransform, MendNet, edit_batch, gradient_factors, load_hypernet, \
@@ -30,22 +30,9 @@ def _float64(net: MendNet) -> MendNet:
 
 
 def _independent_factors(model, batch):
-    """(u, δ) at every position by retain_grad on the layers' outputs (no hook returns a modified output)."""
-    ins, outs = {}, {}
-
-    def hook(name):
-        def fn(_m, inp, out):
-            ins[name] = inp[0].detach()
-            out.retain_grad()
-            outs[name] = out
-        return fn
-
-    hs = [model.get_submodule(n).register_forward_hook(hook(n)) for n in TARGETS]
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    for h in hs:
-        h.remove()
-    per_request_nll(logits, batch["targets"]).sum().backward()
-    return ins, {n: o.grad for n, o in outs.items()}
+    """(u, δ) at every position, by the shared retain_grad oracle."""
+    return captured_inputs_and_output_grads(model, lambda logits: per_request_nll(logits, batch["targets"]).sum(),
+                                            batch["input_ids"], batch["attention_mask"])
 
 
 def test_gradient_factors_sum_to_the_weight_gradient(tiny):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from baselines_tiny import REQUESTS, TARGETS, tiny_model, weights
+from baselines_tiny import REQUESTS, TARGETS, captured_inputs_and_output_grads, tiny_model, weights
 
 from crispedit.baselines import UltraEditConfig, run_baseline
 from crispedit.baselines.ultraedit import RunningMoments, keys_and_output_grads, ultraedit_solve, ultraedit_values
@@ -67,29 +67,18 @@ def test_captured_keys_and_gradients_are_the_weight_gradient(byte_bpe_tokenizer)
     loss = torch.nn.functional.cross_entropy(logits[tgt != -100], tgt[tgt != -100])
     grads = torch.autograd.grad(loss, [model.get_submodule(n).weight for n in TARGETS])
     # independent capture of every position's input and output gradient (retain_grad)
-    outs, ins = {}, {}
-
-    def hook(name):
-        def fn(_m, inp, out):
-            ins[name] = inp[0].detach()
-            out.retain_grad()
-            outs[name] = out
-        return fn
-
-    hs = [model.get_submodule(n).register_forward_hook(hook(n)) for n in TARGETS]
-    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-    for h in hs:
-        h.remove()
-    torch.nn.functional.cross_entropy(logits[tgt != -100], tgt[tgt != -100]).backward()
+    ins, douts = captured_inputs_and_output_grads(
+        model, lambda lg: torch.nn.functional.cross_entropy(lg[tgt != -100], tgt[tgt != -100]),
+        b["input_ids"], b["attention_mask"])
     mask = tgt != -100
     for n, gW in zip(TARGETS, grads):
-        full = torch.einsum("bto,bti->oi", outs[n].grad, ins[n])
+        full = torch.einsum("bto,bti->oi", douts[n], ins[n])
         assert float((full - gW).norm() / gW.norm()) < 1e-10
         K, G = batches[0][n]
         # the captured rows are exactly the target-predicting positions' inputs and output gradients
         assert K.shape[0] == int(mask.sum())
         assert torch.equal(K, ins[n][mask].double())
-        ref = outs[n].grad[mask]
+        ref = douts[n][mask]
         assert float((G - ref).norm() / ref.norm()) < 1e-12
 
 
