@@ -476,3 +476,13 @@ def read_format_record(rec: Path, fmt: str) -> dict[str, Any]:
     if got != fmt:
         raise CrispEditError(f"{rec}: field 'format' is {got!r}, expected {fmt!r}")
     return record
+
+
+def record_hash(record: dict[str, Any]) -> str:
+    """sha256 of a folder's record without its own hash (canonical JSON): stored in `integrity.record_sha256`, it
+    binds a delta's or a cache's record to its tensor files, so an edited record is refused on load."""
+    rec = dict(record)
+    integ = dict(rec.get("integrity") or {})
+    integ.pop("record_sha256", None)
+    rec["integrity"] = integ
+    return sha256_json(rec)

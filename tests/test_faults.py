@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from crispedit.cli import main
 from crispedit.errors import CrispEditError
@@ -598,9 +598,9 @@ def test_damaged_or_edited_deltas_are_refused(world, cli, tmp_path):
     with pytest.raises(CrispEditError, match="the record was edited"):
         EditDelta.load(renamed)
     # Even with a consistent hash, a target without tensors is named (not a KeyError).
-    from crispedit.editing import delta as delta_mod
+    from crispedit.io import record_hash
 
-    rec["integrity"]["record_sha256"] = delta_mod._record_hash(rec)
+    rec["integrity"]["record_sha256"] = record_hash(rec)
     (renamed / "delta.json").write_text(json.dumps(rec))
     with pytest.raises(CrispEditError, match=r"targets\[0\] names 'model.layers.0.mlp.down_proj', but "
                                              r"delta.safetensors has no tensor"):

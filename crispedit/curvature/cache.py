@@ -30,7 +30,7 @@ from crispedit import __version__
 from crispedit.curvature.eigen import LayerEigen
 from crispedit.curvature.stats import KFACStats, LayerStats
 from crispedit.errors import CacheIntegrityError, CacheMismatchError, CrispEditError  # noqa: F401 - re-exported
-from crispedit.io import atomic_dir, read_format_record, recover_dir, sha256_file, sha256_json
+from crispedit.io import atomic_dir, read_format_record, record_hash, recover_dir, sha256_file
 
 FORMAT = "crispedit-curvature"
 # 2: labels sampled per sequence, low-rank sink factor, whole-model fingerprint, integrity record.
@@ -83,15 +83,6 @@ def save_cache(path: str | Path, stats: KFACStats, eigen: dict[str, LayerEigen],
         record["integrity"]["record_sha256"] = record_hash(record)
         (tmp / RECORD).write_text(json.dumps(record, indent=2) + "\n")
     return path
-
-
-def record_hash(record: dict[str, Any]) -> str:
-    """sha256 of the record without its own hash (canonical JSON)."""
-    rec = dict(record)
-    integ = dict(rec.get("integrity") or {})
-    integ.pop("record_sha256", None)
-    rec["integrity"] = integ
-    return sha256_json(rec)
 
 
 def read_record(path: str | Path) -> dict[str, Any]:

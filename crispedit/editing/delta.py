@@ -23,7 +23,7 @@ from torch import nn
 
 from crispedit import __version__
 from crispedit.errors import CrispEditError
-from crispedit.io import atomic_dir, read_format_record, recover_dir, sha256_file, sha256_json
+from crispedit.io import atomic_dir, read_format_record, record_hash, recover_dir, sha256_file
 from crispedit.models.targets import has_layer, target_weight
 
 DELTA_FORMAT = "crispedit-delta"
@@ -117,7 +117,7 @@ class EditDelta:
             record["format_version"] = DELTA_VERSION
             record["integrity"] = {"file": {"bytes": (tmp / TENSORS).stat().st_size,
                                             "sha256": sha256_file(tmp / TENSORS)}}
-            record["integrity"]["record_sha256"] = _record_hash(record)
+            record["integrity"]["record_sha256"] = record_hash(record)
             (tmp / RECORD).write_text(json.dumps(record, indent=2) + "\n")
         return Path(path)
 
@@ -134,7 +134,7 @@ class EditDelta:
             raise CrispEditError(f"{tensor_file}: missing")
         integ = record.get("integrity")
         if record.get("format_version", 1) >= 2:
-            if not isinstance(integ, dict) or integ.get("record_sha256") != _record_hash(record):
+            if not isinstance(integ, dict) or integ.get("record_sha256") != record_hash(record):
                 raise CrispEditError(f"{rec}: the record was edited after the delta was written (its sha256 does "
                                      "not match)")
             want = integ.get("file", {})
@@ -172,11 +172,3 @@ class EditDelta:
         if extra:
             raise CrispEditError(f"{tensor_file}: holds tensors of {extra[0]!r}, which {RECORD} does not list")
         return cls(deltas, fixups, record)
-
-
-def _record_hash(record: dict[str, Any]) -> str:
-    rec = dict(record)
-    integ = dict(rec.get("integrity") or {})
-    integ.pop("record_sha256", None)
-    rec["integrity"] = integ
-    return sha256_json(rec)
