@@ -16,7 +16,6 @@ import json
 import time
 from pathlib import Path
 
-import torch
 
 
 def main() -> None:

@@ -13,7 +13,6 @@ from crispedit.curvature.collect import (
     CollectConfig,
     _uniforms,
     collect_lm_stats,
-    empty_stats,
     frozen_parameters,
     sequence_generators,
 )

@@ -10,8 +10,6 @@ import pytest
 import torch
 
 from crispedit.editing.budget import enforce_kl_budget, measure_kl, validate_max_kl
-from crispedit.editing.delta import EditDelta
-from crispedit.models.targets import weight_matrix
 from tests.test_editing import CAPABILITY, REQUESTS, TARGETS, run, setup, weights  # noqa: F401
 
 HELDOUT_TEXTS = ["The tower is in Paris. The capital of France is Paris.", "Who wrote Hamlet? Shakespeare did.",

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from crispedit.config import LAYERS_HELP, EditConfig, EditStatistics, option
 from crispedit.data.readers import check_requests_fit, max_positions
 from crispedit.data.records import EditRequest
-from crispedit.errors import ConfigError, CrispEditError, OutputExistsError
+from crispedit.errors import ConfigError, CrispEditError
 from crispedit.io import atomic_dir, check_apart_from_inputs, check_output_folder
 
 OUTPUT_KIND = "edit-output"
