@@ -7,7 +7,8 @@ warm-up, ≥ 10 timed steps per variant; median, quartiles, min and max):
   (b) `ft`         FT with the frozen prefix cached and logits only at the target positions,
   (c) `crispedit`  CrispEdit (defaults) with both, and with the edit positions' frozen positions cached,
   (d) `crispedit-every-position`  (c) without the frozen positions' cache (the kept layers run over every position);
-ratios (c)/(a), (c)/(b) and (c)/(d). (b) has the frozen positions' cache too (FT trains at the same edit positions). Whole edits: wall time and peak memory of editing N CounterFact facts with the
+ratios (c)/(a), (c)/(b) and (c)/(d). (b) has the frozen positions' cache too: every variant trains at CrispEdit's edit positions
+(subject-last by default; `auto` alone would give FT every token). Whole edits: wall time and peak memory of editing N CounterFact facts with the
 defaults, each N in a fresh process (peak RSS on CPU, peak allocated memory on CUDA).
 
 With `--batch-sizes 16,32,96` it measures instead how CrispEdit's step time grows with the batch (the same requests,
@@ -64,6 +65,9 @@ def steps(a) -> dict:
     targets = cur.targets
     base = EditConfig(**a.overrides)
     common = dict(a.overrides, epochs=a.steps, early_stop_loss=1e-9, max_steps=a.steps)
+    # Every variant trains at CrispEdit's positions (`auto` would give FT every token), so that the ratios compare
+    # the forward and the projection, not two amounts of work.
+    common.setdefault("edit_positions", EditConfig(**dict(common, method="crispedit")).positions)
     variants = {
         "ft-plain": EditConfig(method="ft", cache_prefix=False, target_logits=False, **common),
         "ft": EditConfig(method="ft", **common),
@@ -90,7 +94,7 @@ def steps(a) -> dict:
             "ratio_crispedit_over_every_position": med["crispedit"] / med["crispedit-every-position"],
             "sequences_per_step": min(base.batch_size, res.delta.record.get("training_sequences", 0)),
             "requests": len(requests), "training_sequences": res.delta.record.get("training_sequences"),
-            "config": base.to_json()}
+            "edit_positions": common["edit_positions"], "config": base.to_json()}
 
 
 def batch_sweep(a, sizes: list[int]) -> dict:
