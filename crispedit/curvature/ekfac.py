@@ -145,7 +145,7 @@ def collect_ekfac_lm(model: nn.Module, sequences: Sequence[Sequence[int]], eigen
 
     An example is one sequence: DW_n = Σ_t g_t a_tᵀ over its counted positions (sink positions apart, as in A
     and S), so λ holds the cross-position terms of a sequence's Gauss-Newton matrix that K-FAC's per-position
-    products leave out; at the 300-edit delta of the README, K-FAC's ½ΔᵀFΔ was about half the exact Gauss-Newton
+    products leave out; at the 300-edit delta of docs/scale.md, K-FAC's ½ΔᵀFΔ was about half the exact Gauss-Newton
     form on the same text, EK-FAC's within a tenth of it."""
     names = list(eigen)
     modules = {n: model.get_submodule(n) for n in names}

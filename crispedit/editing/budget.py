@@ -66,7 +66,7 @@ def search_scale(kl_at: Callable[[float], float], kl1: float, eps: float, max_ev
 
     `kl1` is the KL at α = 1 (one evaluation already made). Each new α comes from a power law KL = c·α^p through
     the two measurements that bracket the budget, aimed at `target`·ε: near the base KL is quadratic and one
-    guess usually suffices. A KL that rises like a cliff (several edited layers, README) fits a power above 4; such
+    guess usually suffices. A KL that rises like a cliff (several edited layers, docs/scale.md) fits a power above 4; such
     a fit aims far too low again and again, so the bracket is halved instead. Stops at `max_evaluations`
     evaluations in all, or once the best α's KL is ≥ 0.8·ε."""
     best = (1.0, kl1) if kl1 <= eps else (0.0, 0.0)

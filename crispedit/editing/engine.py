@@ -380,7 +380,7 @@ def _per_request(per_seq: list[float], owner: list[int], n: int) -> list[float]:
 def spread_of_kept(kept: torch.Tensor) -> dict[str, float]:
     """How ΔW spreads over its kept eigen-coordinates: their RMS, and the share of ‖ΔW‖² in the largest tenth of
     them (0.44 for Gaussian-distributed coordinates, 1 for a change held by few): whether a few directions carry
-    the edit or it is spread over the whole kept subspace (as at 300 CounterFact edits, README)."""
+    the edit or it is spread over the whole kept subspace (as at 300 CounterFact edits, docs/scale.md)."""
     sq = kept.double().square().flatten()
     if sq.numel() == 0:
         return {"kept_coordinate_rms": 0.0, "top_tenth_energy_share": 0.0}

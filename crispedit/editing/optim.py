@@ -18,7 +18,7 @@ coordinate by its own gradient RMS, so each kept coordinate moves about lr per s
 much or not; with one second moment per target the step is the momentum divided by its layer's gradient RMS over
 the kept coordinates (the same lr per coordinate on average, spread as the gradient is). Measured at 300
 CounterFact edits, both end with the same ‖ΔW‖ and the same Gaussian-like spread over the kept eigen-coordinates:
-there the gradient itself is spread that way, and the layer scale is no cheaper (README, results).
+there the gradient itself is spread that way, and the layer scale is no cheaper (docs/scale.md, "The path's length").
 """
 
 from __future__ import annotations

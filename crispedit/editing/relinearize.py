@@ -3,7 +3,7 @@
 The projection keeps every step in the low-curvature subspace of the capability loss's Gauss-Newton matrix
 *at the base weights*, one target layer at a time. That holds while the change is small. With several edited
 layers and hundreds of edits it is not: each layer's curvature was taken with the layers below at their base
-weights, and once those have moved, the upper layers see inputs their factors never described (README: at
+weights, and once those have moved, the upper layers see inputs their factors never described (docs/scale.md: at
 300 CounterFact edits the joint change of six layers costs 15× the KL of their single-layer changes, with a
 cliff between half the change and the whole). Collecting the curvature again, on the same text, at the
 weights reached so far, lets the rest of the edit see the others' change.
@@ -12,7 +12,7 @@ The Gauss-Newton matrix of KL(p_base ‖ p_θ) at θ is Jᵀ(diag p_θ − p_θ 
 softmax's Hessian does not depend on the target distribution. So the recollected factors (labels sampled from
 the current model) are exactly that matrix's K-FAC, with the first-order term of the KL left out.
 
-Measured (README, 300 CounterFact edits, 3 recollections): the held-out KL does not fall (0.172 at three layers,
+Measured (docs/scale.md, 300 CounterFact edits, 3 recollections): the held-out KL does not fall (0.172 at three layers,
 as without; 0.975 against 0.862 at six), and the changes grow. The first-order term, zero at the base and not
 zero once the weights have moved, is the likely reason; so this stays an option, off by default.
 """

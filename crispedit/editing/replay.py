@@ -4,7 +4,7 @@ The paper's problem is min L_edit(θ) s.t. KL-type divergence of the capability 
 through the K-FAC model of that divergence (the projection). At a few hundred edits the model stops being accurate:
 the measured KL is about 6× the K-FAC quadratic form, from three compounding causes (curvature from a finite sample,
 layers acting together while K-FAC is block-diagonal across them, and edits long enough to leave the quadratic
-range; README, "300 edits"). None of the three touches the divergence measured on real text with the real model,
+range; docs/scale.md, "300 edits"). None of the three touches the divergence measured on real text with the real model,
 so this term adds it: each step, λ · mean per-token KL(p_base ‖ p_edited) of next-token distributions over a few
 chunks of capability text, its gradient projected like the edit loss's (the Lagrangian of the paper's problem, with
 a fixed multiplier λ, the constraint estimated stochastically).
