@@ -127,6 +127,11 @@ def test_a_large_batch_without_a_budget_gets_a_one_line_warning():
     assert scale_warning(LARGE_BATCH - 1, EditConfig()) is None
     assert scale_warning(1000, EditConfig(max_kl=0.1)) is None
     assert scale_warning(1000, EditConfig(), sequential=True) is None
+    # a projected method keyed on the subject is pointed at every-token training (measured at 1,000 edits)
+    assert "--edit-positions all" in note
+    other = scale_warning(LARGE_BATCH, EditConfig(edit_positions="all"))
+    assert other is not None and "--edit-positions" not in other
+    assert "--edit-positions" not in scale_warning(LARGE_BATCH, EditConfig(method="ft"))
 
 
 def test_an_unconstrained_method_keyed_on_the_subject_gets_a_one_line_warning():
