@@ -67,7 +67,7 @@ def steps(a) -> dict:
     common = dict(a.overrides, epochs=a.steps, early_stop_loss=1e-9, max_steps=a.steps)
     # Every variant trains at CrispEdit's positions (`auto` would give FT every token), so that the ratios compare
     # the forward and the projection, not two amounts of work.
-    common.setdefault("edit_positions", EditConfig(**dict(common, method="crispedit")).positions)
+    common.setdefault("edit_positions", EditConfig(**dict(common, method="crispedit")).positions_for(len(requests)))
     variants = {
         "ft-plain": EditConfig(method="ft", cache_prefix=False, target_logits=False, **common),
         "ft": EditConfig(method="ft", **common),

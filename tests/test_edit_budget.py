@@ -127,8 +127,13 @@ def test_a_large_batch_without_a_budget_gets_a_one_line_warning():
     assert scale_warning(LARGE_BATCH - 1, EditConfig()) is None
     assert scale_warning(1000, EditConfig(max_kl=0.1)) is None
     assert scale_warning(1000, EditConfig(), sequential=True) is None
-    # a projected method keyed on the subject is pointed at every-token training (measured at 1,000 edits)
-    assert "--edit-positions all" in note
+    # a projected method keyed on the subject (`auto` below AUTO_ALL_FROM requests) is told of every-token training
+    # (measured at 300 and 1,000 edits); from AUTO_ALL_FROM on `auto` already trains at every token
+    from crispedit.config import AUTO_ALL_FROM
+
+    assert "--edit-positions all" in note and f"from {AUTO_ALL_FROM} requests on" in note
+    assert "--edit-positions" not in scale_warning(AUTO_ALL_FROM, EditConfig())
+    assert "--edit-positions all" in scale_warning(AUTO_ALL_FROM, EditConfig(edit_positions="subject-last"))
     other = scale_warning(LARGE_BATCH, EditConfig(edit_positions="all"))
     assert other is not None and "--edit-positions" not in other
     assert "--edit-positions" not in scale_warning(LARGE_BATCH, EditConfig(method="ft"))
@@ -142,11 +147,11 @@ def test_an_unconstrained_method_keyed_on_the_subject_gets_a_one_line_warning():
     from crispedit.editing.run import positions_warning
 
     for method in ("ft", "lora", "locbf-ft"):
-        note = positions_warning(EditConfig(method=method, edit_positions="subject-last"))
+        note = positions_warning(EditConfig(method=method, edit_positions="subject-last"), 100)
         assert note is not None and "\n" not in note and "--edit-positions auto or all" in note and method in note
-        assert positions_warning(EditConfig(method=method, edit_positions="subject")) is not None
-        assert positions_warning(EditConfig(method=method, edit_positions="all")) is None
-        assert positions_warning(EditConfig(method=method)) is None  # auto: every token for these methods
+        assert positions_warning(EditConfig(method=method, edit_positions="subject"), 100) is not None
+        assert positions_warning(EditConfig(method=method, edit_positions="all"), 100) is None
+        assert positions_warning(EditConfig(method=method), 100) is None  # auto: every token for these methods
     for method in ("crispedit", "adam-nscl"):
-        assert positions_warning(EditConfig(method=method)) is None
-        assert positions_warning(EditConfig(method=method, edit_positions="subject-last")) is None
+        assert positions_warning(EditConfig(method=method), 100) is None
+        assert positions_warning(EditConfig(method=method, edit_positions="subject-last"), 100) is None

@@ -275,11 +275,11 @@ def test_sequential_edit_position_statistics_count_only_where_the_edit_acted(set
         SequentialEditor.create(tmp_path / "bad", model, cur, cfg, edit_statistics="tokens")
 
 
-def test_subject_positions_train_the_change_only_through_the_subject(setup, caplog):
+def test_subject_positions_train_the_change_only_through_the_subject(setup, caplog, monkeypatch):
     """edit_positions="subject": the change acts at the subject's tokens only while training. The last layer's
     MLP output at the subject's tokens reaches no target position (no attention above it), so that layer's delta
     stays exactly zero while the layer below, whose output later attention reads, carries the edit. A request
-    without a subject found in its prompt trains at every token (and says so)."""
+    without a subject found in its prompt trains at every token (and says so). `auto` resolves by method and size."""
     model, tok, cur = setup
     subjects = ["France", "The Eiffel Tower", "Danielle Darrieux", "The Colosseum"]
     reqs = [dataclasses.replace(r, subject=s) for r, s in zip(REQUESTS, subjects)]
@@ -304,17 +304,34 @@ def test_subject_positions_train_the_change_only_through_the_subject(setup, capl
     assert res.delta.record["edit_positions"] == {"where": "all"} and res.delta.deltas[TARGETS[1]].norm() > 0
     res.delta.revert(model)
 
+    # ... and by size for CrispEdit: keyed on the subject below AUTO_ALL_FROM requests, every token from there on
+    auto = dataclasses.replace(cfg, method="crispedit", epochs=2, edit_positions="auto")
+    res = edit(model, tok, reqs[1:], TARGETS, auto, curvature=cur, progress=False)
+    assert res.delta.record["edit_positions"]["where"] == "subject-last"
+    assert torch.count_nonzero(res.delta.deltas[TARGETS[1]]) == 0
+    res.delta.revert(model)
+    monkeypatch.setattr("crispedit.config.AUTO_ALL_FROM", len(reqs) - 1)
+    res = edit(model, tok, reqs[1:], TARGETS, auto, curvature=cur, progress=False)
+    assert res.delta.record["edit_positions"] == {"where": "all"} and res.delta.deltas[TARGETS[1]].norm() > 0
+    res.delta.revert(model)
 
-def test_auto_edit_positions_follow_the_method():
-    """`auto` keys a projecting method's change on the subject's last token and trains an unconstrained one at
-    every token; an explicit choice is kept for every method."""
+
+def test_auto_edit_positions_follow_the_method_and_the_number_of_requests():
+    """`auto` keys a projecting method's change on the subject's last token below AUTO_ALL_FROM requests at once and
+    trains it at every token from there on; an unconstrained one always trains at every token; an explicit choice
+    is kept for every method and size."""
+    from crispedit.config import AUTO_ALL_FROM
+
     for method in ("crispedit", "adam-nscl"):
-        assert EditConfig(method=method).positions == "subject-last"
+        assert EditConfig(method=method).positions_for(1) == "subject-last"
+        assert EditConfig(method=method).positions_for(AUTO_ALL_FROM - 1) == "subject-last"
+        assert EditConfig(method=method).positions_for(AUTO_ALL_FROM) == "all"
     for method in ("ft", "lora", "locbf-ft"):
-        assert EditConfig(method=method).positions == "all"
+        assert EditConfig(method=method).positions_for(1) == "all"
     for method in ("crispedit", "adam-nscl", "ft", "lora", "locbf-ft"):
         for where in ("all", "subject", "subject-last"):
-            assert EditConfig(method=method, edit_positions=where).positions == where
+            for n in (1, AUTO_ALL_FROM, 10 * AUTO_ALL_FROM):
+                assert EditConfig(method=method, edit_positions=where).positions_for(n) == where
 
 
 def test_sequential_separate_thresholds_keep_capability_and_edits_apart(setup, tmp_path):

@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     echo(format_table(["target", "‖ΔW‖", "share in removed dirs", "½ΔᵀGΔ (K-FAC)"], rows))
     losses = rec["step_losses"]
     echo(f"{len(requests)} edits, {len(losses)} steps, final loss {losses[-1] if losses else float('nan'):.4f}, "
-         f"change trained at {cfg.positions} positions, {rec['seconds_total']:.1f} s → {out}")
+         f"change trained at {rec['edit_positions']} positions, {rec['seconds_total']:.1f} s → {out}")
     return 0
 
 

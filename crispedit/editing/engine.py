@@ -122,7 +122,8 @@ def edit(model: nn.Module, tokenizer, requests: Sequence[EditRequest], targets: 
     gen = torch.Generator().manual_seed(cfg.seed)
     anchors = anchor_prompts(tokenizer, requests, contexts, cfg.anchors, cfg.seed) if cfg.anchors else []
     pairs = [s.pair for s in seqs] + [EncodedPair(list(a.prompt_ids), []) for a in anchors]
-    active = training_positions(seqs, cfg.positions, len(anchors))
+    where = cfg.positions_for(len(requests))
+    active = training_positions(seqs, where, len(anchors))
     fwd = EditForward(model, targets, pairs, pad_id, cache_prefix=cfg.cache_prefix,
                       logits_at_targets=cfg.target_logits, active=active, base_weights=base if active else None,
                       cache_kv=cfg.cache_positions)
@@ -248,8 +249,8 @@ def edit(model: nn.Module, tokenizer, requests: Sequence[EditRequest], targets: 
         ekfac=ekfac_info,
         replay=None if replay is None else {"chunks": len(replay.sequences), "per_step": replay.per_step,
                                             "corpus": replay_corpus, "kl_per_step": replay_losses},
-        edit_positions={"where": cfg.positions} if active is None else {
-            "where": cfg.positions, "sequences_with_subject": sum(a is not None for a in active[:len(seqs)]),
+        edit_positions={"where": where} if active is None else {
+            "where": where, "sequences_with_subject": sum(a is not None for a in active[:len(seqs)]),
             "sequences": len(seqs)},
     )
     delta = EditDelta.from_base(model, base, deltas, rec)

@@ -209,7 +209,7 @@ class SequentialEditor:
         seqs = [s.pair.input_ids for s in train]
         positions = None
         if self.edit_statistics == EditStatistics.EDIT_POSITIONS:
-            positions = training_positions(train, cfg.positions)
+            positions = training_positions(train, cfg.positions_for(len(requests)))
         base_cfg = self.curvature.config
         ccfg = dataclasses.replace(base_cfg, seed=base_cfg.seed + 7919 * (k + 1))
         chunk_stats = collect_lm_stats(model, seqs, self.targets, ccfg, pad_id=pad_id_of(tokenizer), progress=False,
