@@ -473,9 +473,9 @@ class ConfigBase:
 # whole passes until `EditConfig.min_steps` steps have run (`crispedit.editing.engine.planned_epochs`).
 DEFAULT_EPOCHS = 25
 # Requests edited at once from which `edit_positions` auto trains a projecting method at every token. Measured on
-# SmolLM2 with CounterFact (docs/scale.md): at 100 and 300 edits subject-last trades capability for the neighbours'
-# answers and rephrases, at 500 it already costs +31 % perplexity in 400 steps, at 1,000 every token wins on every
-# count; every token was not measured at 500 itself.
+# SmolLM2 with CounterFact (docs/scale.md, README): at 100 and 300 edits subject-last trades capability for the
+# neighbours' answers and rephrases, at 500 it already costs +31 % perplexity in 400 steps, at 1,000 every token
+# fits more edits at a seventeenth of the KL and keeps about as many neighbours; every token was not measured at 500.
 AUTO_ALL_FROM = 500
 
 LAYERS_HELP = ("target layers: a module path, a template such as 'model.layers.{10-14}.mlp.down_proj', "
