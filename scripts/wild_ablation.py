@@ -15,7 +15,8 @@ A run is a JSON object: {"name": ..., "layers": "model.layers.{10-12}.mlp.down_p
 defaults), "method": ..., any other EditConfig field (gamma, lr, epochs, contexts, prefixes, max_kl, ...)}; method
 "none" evaluates the base model itself. A run with "sequential": true edits in chunks of "chunk_size" (default 100)
 with CrispEdit-Seq ("edit_weight", "edit_statistics", "edit_gamma" as `crispedit edit --sequential`); its record adds the reliability of each chunk,
-measured after the last one. A run with "single": true edits each request alone, from the base model each time
+measured after the last one (under --eval-sample, over each chunk's judged requests). With "state": DIR its state
+folder is DIR/<data set> and persists: a stopped run resumes there after its last finished chunk. A run with "single": true edits each request alone, from the base model each time
 (the one-fact-at-a-time protocol), and pools the per-request results; its perplexity and KL are the means over the
 single edits. Methods memit, alphaedit, ultraedit and mend run through `crispedit.baselines.run_baseline`
 (other keys: fields of the method's config, e.g. "mom2_weight", "hypernet"); "sequential" sets their chunk size;
@@ -33,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-NOT_CONFIG = ("name", "layers", "note", "sequential", "chunk_size", "edit_weight", "single",
+NOT_CONFIG = ("name", "layers", "note", "sequential", "chunk_size", "edit_weight", "single", "state",
               "edit_statistics", "edit_gamma")
 
 
@@ -97,34 +98,45 @@ class Results:
 
 
 def edit_sequentially(model, tok, requests, targets, cfg, curvature, chunk_size: int, edit_weight: int,
-                      edit_statistics: str = "sequence", edit_gamma: float | None = None):
-    """CrispEdit-Seq over `requests` in chunks, in a temporary state folder; returns (a result-like summary, the
-    cumulative delta, the per-chunk log)."""
+                      edit_statistics: str = "sequence", edit_gamma: float | None = None, state: Path | None = None):
+    """CrispEdit-Seq over `requests` in chunks, in `state` (resumed after its last finished chunk if it exists) or
+    a temporary state folder; returns (a result-like summary, the cumulative delta, the per-chunk log)."""
     import tempfile
     from types import SimpleNamespace
 
     from crispedit.editing.sequential import SequentialEditor
 
     with tempfile.TemporaryDirectory() as tmp:
-        ed = SequentialEditor.create(Path(tmp) / "state", model, curvature, cfg, edit_weight=edit_weight,
-                                     chunk_size=chunk_size, edit_statistics=edit_statistics, edit_gamma=edit_gamma)
-        results = [ed.edit_chunk(model, tok, requests[i:i + chunk_size])
-                   for i in range(0, len(requests), chunk_size)]
+        folder = Path(tmp) / "state" if state is None else state
+        if (folder / "state.json").is_file():
+            ed = SequentialEditor.open(folder, model)
+            print(f"resuming {folder} after {len(ed.state['chunks'])} chunk(s)", flush=True)
+        else:
+            ed = SequentialEditor.create(folder, model, curvature, cfg, edit_weight=edit_weight,
+                                         chunk_size=chunk_size, edit_statistics=edit_statistics,
+                                         edit_gamma=edit_gamma)
+        for i in range(ed.remaining(requests, chunk_size), len(requests), chunk_size):
+            r = ed.edit_chunk(model, tok, requests[i:i + chunk_size])
+            print(f"chunk {len(ed.state['chunks'])}: {r.steps} steps, loss "
+                  f"{r.epoch_losses[-1] if r.epoch_losses else float('nan'):.4f}, {r.seconds:.0f} s", flush=True)
         delta = ed.cumulative_delta(model)
         log = ed.state["chunks"]
-    res = SimpleNamespace(steps=sum(r.steps for r in results), stopped=[r.stopped for r in results],
-                          epoch_losses=results[-1].epoch_losses)
+    last = log[-1]["final_loss"] if log else None
+    res = SimpleNamespace(steps=sum(c["steps"] for c in log), stopped=[c["stopped"] for c in log],
+                          epoch_losses=[] if last is None else [last])
     return res, delta, log
 
 
-def chunk_reliability(per_request: list, chunk_log: list) -> list:
+def chunk_reliability(per_request: list, chunk_log: list, judged_index: list[int]) -> list:
     """Generated reliability (each context's scorer as in the summary: exact for qa/raw, contains for chat) of
-    each chunk's requests, after the last chunk."""
-    out, i = [], 0
+    each chunk's judged requests (`judged_index`: each judged row's index among the edited requests), after the
+    last chunk."""
+    out, start = [], 0
     for c in chunk_log:
-        rows = per_request[i:i + c["n_edits"]]
-        i += c["n_edits"]
-        entry = dict(c)
+        stop = start + c["n_edits"]
+        rows = [r for r, j in zip(per_request, judged_index) if start <= j < stop]
+        start = stop
+        entry = dict(c, n_judged=len(rows))
         for ctx, key, name in (("qa", "exact_match", "qa"), ("chat", "contains_match", "chat_contains"),
                                ("raw", "exact_match", "raw")):
             vals = [r["reliability"]["generated"][ctx][key] for r in rows if ctx in r["reliability"]["generated"]]
@@ -210,7 +222,8 @@ def main() -> None:
                 res, delta, chunk_log = edit_sequentially(
                     model, tok, requests, targets, cfg, full.select(targets, model),  # fingerprint of the subset
                     int(run.get("chunk_size", 100)), int(run.get("edit_weight", 1)),
-                    run.get("edit_statistics", "sequence"), run.get("edit_gamma"))
+                    run.get("edit_statistics", "sequence"), run.get("edit_gamma"),
+                    Path(run["state"]) / dname if run.get("state") else None)
             elif method != "none":
                 cfg = EditConfig(**fields)
                 targets = resolve_targets(model, run.get("layers"))
@@ -229,8 +242,7 @@ def main() -> None:
             t1 = time.perf_counter()
             edited_is_base = method == "none"
             judged = evenly_spaced(requests, args.eval_sample)
-            if chunk_log is not None and len(judged) < len(requests):
-                chunk_log = None  # per-chunk reliability needs every request judged
+            judged_index = evenly_spaced(range(len(requests)), args.eval_sample)
             em = evaluate_edits(model, tok, judged, base_model=None if edited_is_base else base,
                                 teacher_forced=False, generated_contexts=contexts,
                                 generation_batch_size=args.gen_batch, show_progress=False, base_memo=memo)
@@ -254,7 +266,7 @@ def main() -> None:
                       # the whole process so far (two models, the cache, every earlier run), not this edit alone
                       "process_peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
             if chunk_log is not None:
-                record["chunks"] = chunk_reliability(em["per_request"], chunk_log)
+                record["chunks"] = chunk_reliability(em["per_request"], chunk_log, judged_index)
             if not args.slim:
                 record["per_request"] = em["per_request"]
             results.add(record)

@@ -1,6 +1,7 @@
 """Editing engine on tiny models: convergence, subspace membership, curvature cost, deltas, sequential state."""
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -370,3 +371,29 @@ def test_sequential_separate_thresholds_keep_capability_and_edits_apart(setup, t
         SequentialEditor.create(tmp_path / "bad", model, cur, cfg, edit_gamma=1.0)
     with pytest.raises(CrispEditError, match="edit_gamma"):
         SequentialEditor.create(tmp_path / "bad", model, cur, dataclasses.replace(cfg, method="ft"), edit_gamma=0.9)
+
+
+def test_results_script_sequential_state_resumes_after_its_last_chunk(setup, tmp_path):
+    """scripts/wild_ablation.py with a persistent "state": a run stopped after its first chunk and started again
+    (from the base model, as a new process would) ends at the weights of an uninterrupted run."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("wild_ablation", Path(__file__).resolve().parents[1]
+                                                  / "scripts" / "wild_ablation.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    model, tok, cur = setup
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = EditConfig(lr=2e-2, epochs=20, batch_size=2, early_stop_loss=0.05, gamma=0.9)
+    reqs = REQUESTS[:4]
+    res, delta, log = script.edit_sequentially(model, tok, reqs, TARGETS, cfg, cur, 2, 1, state=tmp_path / "a")
+    straight = weights(model)
+    assert [c["n_edits"] for c in log] == [2, 2] and res.steps == sum(c["steps"] for c in log)
+
+    model.load_state_dict(base_state)
+    script.edit_sequentially(model, tok, reqs[:2], TARGETS, cfg, cur, 2, 1, state=tmp_path / "b")  # "stopped"
+    model.load_state_dict(base_state)
+    res2, delta2, log2 = script.edit_sequentially(model, tok, reqs, TARGETS, cfg, cur, 2, 1, state=tmp_path / "b")
+    assert len(log2) == 2 and log2[0] == log[0] | {"seconds": log2[0]["seconds"]}
+    for n in TARGETS:
+        assert torch.equal(weights(model)[n], straight[n])

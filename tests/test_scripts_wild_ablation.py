@@ -47,3 +47,19 @@ def test_scripts_refuse_an_empty_sample_before_loading_anything(tmp_path):
         assert res.returncode != 0, name
         assert "--eval-sample: must be at least 1, got 0" in res.stderr, (name, res.stderr[-500:])
         assert "Traceback" not in res.stderr, name
+
+
+def test_chunk_reliability_under_a_sample_groups_judged_rows_by_their_chunk():
+    """Per-chunk reliability with `--eval-sample`: each judged row counts for the chunk its request was edited in."""
+    mod = _script()
+    n, k = 10, 4  # chunks of 5; judged indices 0, 2, 5, 7
+    judged_index = evenly_spaced(range(n), k)
+    assert judged_index == [0, 2, 5, 7]
+    hit = {0: 1.0, 2: 0.0, 5: 1.0, 7: 1.0}
+    rows = [{"reliability": {"generated": {"qa": {"exact_match": hit[j]}, "chat": {"contains_match": hit[j]}}}}
+            for j in judged_index]
+    out = mod.chunk_reliability(rows, [{"n_edits": 5}, {"n_edits": 5}], judged_index)
+    assert [c["n_judged"] for c in out] == [2, 2]
+    assert [c["reliability_gen_qa"] for c in out] == [0.5, 1.0]
+    assert [c["reliability_gen_chat_contains"] for c in out] == [0.5, 1.0]
+    assert all("reliability_gen_raw" not in c for c in out)
