@@ -317,6 +317,24 @@ def test_subject_positions_train_the_change_only_through_the_subject(setup, capl
     res.delta.revert(model)
 
 
+def test_sequential_resolves_auto_positions_once_for_its_chunk_size(setup, tmp_path, monkeypatch):
+    """A sequential run's short last chunk trains where its full chunks do (and where the run's record says):
+    `auto` is resolved for the state's chunk size, not for each chunk's own length."""
+    from crispedit.editing.sequential import SequentialEditor
+
+    model, tok, cur = setup
+    monkeypatch.setattr("crispedit.config.AUTO_ALL_FROM", 3)  # chunks of 3 train at every token
+    subjects = ["France", "The Eiffel Tower", "Danielle Darrieux", "The Colosseum"]
+    reqs = [dataclasses.replace(r, subject=s) for r, s in zip(REQUESTS, subjects)]
+    cfg = EditConfig(lr=2e-2, epochs=2, batch_size=2, gamma=0.9, edit_positions="auto")
+    ed = SequentialEditor.create(tmp_path / "s", model, cur, cfg, chunk_size=3)
+    full = ed.edit_chunk(model, tok, reqs[:3], progress=False)
+    last = ed.edit_chunk(model, tok, reqs[3:4], progress=False)  # one request: alone it would be subject-last
+    assert full.delta.record["edit_positions"] == {"where": "all"}
+    assert last.delta.record["edit_positions"] == {"where": "all"}
+    assert last.delta.deltas[TARGETS[1]].norm() > 0  # the last layer moves only when trained past the subject
+
+
 def test_auto_edit_positions_follow_the_method_and_the_number_of_requests():
     """`auto` keys a projecting method's change on the subject's last token below AUTO_ALL_FROM requests at once and
     trains it at every token from there on; an unconstrained one always trains at every token; an explicit choice

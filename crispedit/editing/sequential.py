@@ -192,7 +192,10 @@ class SequentialEditor:
         """Edit one chunk under the accumulated constraints, then add the chunk's statistics to them."""
         cfg = cfg or self.config
         k = len(self.state["chunks"])
-        cfg = dataclasses.replace(cfg, seed=cfg.seed + k)
+        # `auto` positions resolved once for the run's chunk size, so that a short last chunk trains where the
+        # others did (and where the run's record says).
+        at_once = int(self.state.get("chunk_size") or len(requests))
+        cfg = dataclasses.replace(cfg, seed=cfg.seed + k, edit_positions=cfg.positions_for(at_once))
         projectors = None
         if self.edit_gamma is not None:
             constraints = [(self.capability.stats, cfg.gamma)]
@@ -209,7 +212,7 @@ class SequentialEditor:
         seqs = [s.pair.input_ids for s in train]
         positions = None
         if self.edit_statistics == EditStatistics.EDIT_POSITIONS:
-            positions = training_positions(train, cfg.positions_for(len(requests)))
+            positions = training_positions(train, cfg.edit_positions)
         base_cfg = self.curvature.config
         ccfg = dataclasses.replace(base_cfg, seed=base_cfg.seed + 7919 * (k + 1))
         chunk_stats = collect_lm_stats(model, seqs, self.targets, ccfg, pad_id=pad_id_of(tokenizer), progress=False,
