@@ -110,6 +110,7 @@ def edit_sequentially(model, tok, requests, targets, cfg, curvature, chunk_size:
         folder = Path(tmp) / "state" if state is None else state
         if (folder / "state.json").is_file():
             ed = SequentialEditor.open(folder, model)
+            check_resumed_settings(folder, ed.state, cfg, edit_weight, edit_statistics, edit_gamma)
             print(f"resuming {folder} after {len(ed.state['chunks'])} chunk(s)", flush=True)
         else:
             ed = SequentialEditor.create(folder, model, curvature, cfg, edit_weight=edit_weight,
@@ -125,6 +126,26 @@ def edit_sequentially(model, tok, requests, targets, cfg, curvature, chunk_size:
     res = SimpleNamespace(steps=sum(c["steps"] for c in log), stopped=[c["stopped"] for c in log],
                           epoch_losses=[] if last is None else [last])
     return res, delta, log
+
+
+def check_resumed_settings(folder: Path, state: dict, cfg, edit_weight: int, edit_statistics: str,
+                           edit_gamma: float | None) -> None:
+    """Refuse to resume a state whose edit settings differ from the run's: the state would go on editing with its
+    own settings while the record said the run's (the requests and chunk size are checked by the editor)."""
+    want = {"config": cfg.to_json(), "edit_weight": int(edit_weight), "edit_statistics": str(edit_statistics),
+            "edit_gamma": None if edit_gamma is None else float(edit_gamma)}
+    for key, value in want.items():
+        have = state.get(key)
+        if key == "config":
+            diff = sorted(k for k in set(value) | set(have or {}) if (have or {}).get(k) != value.get(k))
+            if diff:
+                raise SystemExit(f"{folder}: this state was started with other edit settings ({', '.join(diff)}: "
+                                 f"{', '.join(repr((have or {}).get(k)) for k in diff)}, the run says "
+                                 f"{', '.join(repr(value.get(k)) for k in diff)}); use the state's settings or "
+                                 "start a new state")
+        elif have != value:
+            raise SystemExit(f"{folder}: this state was started with {key} {have!r}, the run says {value!r}; use "
+                             "the state's settings or start a new state")
 
 
 def chunk_reliability(per_request: list, chunk_log: list, judged_index: list[int]) -> list:
@@ -241,8 +262,8 @@ def main() -> None:
                       f"{res.epoch_losses[-1] if res.epoch_losses else float('nan'):.4f}, KL budget {cert}", flush=True)
             t1 = time.perf_counter()
             edited_is_base = method == "none"
-            judged = evenly_spaced(requests, args.eval_sample)
             judged_index = evenly_spaced(range(len(requests)), args.eval_sample)
+            judged = [requests[j] for j in judged_index]
             em = evaluate_edits(model, tok, judged, base_model=None if edited_is_base else base,
                                 teacher_forced=False, generated_contexts=contexts,
                                 generation_batch_size=args.gen_batch, show_progress=False, base_memo=memo)

@@ -63,3 +63,25 @@ def test_chunk_reliability_under_a_sample_groups_judged_rows_by_their_chunk():
     assert [c["reliability_gen_qa"] for c in out] == [0.5, 1.0]
     assert [c["reliability_gen_chat_contains"] for c in out] == [0.5, 1.0]
     assert all("reliability_gen_raw" not in c for c in out)
+
+
+def test_resuming_a_state_with_other_edit_settings_is_refused():
+    """A resumed sequential state edits with its own settings; a run whose settings changed meanwhile is refused
+    with the field named, and an unchanged run passes."""
+    import json
+
+    import pytest
+
+    from crispedit.editing.config import EditConfig
+
+    mod = _script()
+    cfg = EditConfig()
+    state = json.loads(json.dumps({"config": cfg.to_json(), "edit_weight": 1, "edit_statistics": "sequence",
+                                   "edit_gamma": None}))  # as read back from state.json
+    mod.check_resumed_settings(Path("S"), state, cfg, 1, "sequence", None)
+    with pytest.raises(SystemExit, match=r"S: .*\blr\b"):
+        mod.check_resumed_settings(Path("S"), state, cfg.replace(lr=cfg.lr * 2), 1, "sequence", None)
+    with pytest.raises(SystemExit, match="edit_weight 1, the run says 10"):
+        mod.check_resumed_settings(Path("S"), state, cfg, 10, "sequence", None)
+    with pytest.raises(SystemExit, match="edit_gamma None, the run says 0.9"):
+        mod.check_resumed_settings(Path("S"), state, cfg, 1, "sequence", 0.9)
